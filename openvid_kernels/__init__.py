@@ -1,0 +1,18 @@
+"""openvid-kernels: fused CUDA and Triton kernels for text-to-video diffusion transformers (STDiT, MVDiT).
+
+Every op is a ``torch.library`` custom op with autograd and ``torch.compile`` support, and takes
+``backend=None | "auto" | "cuda" | "triton" | "reference"`` (see :mod:`openvid_kernels.backends`).
+"""
+
+from openvid_kernels.adaln import gated_residual_layernorm_modulate, layernorm_modulate
+from openvid_kernels.backends import cuda_extension_available, default_backend, use_backend
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "cuda_extension_available",
+    "default_backend",
+    "gated_residual_layernorm_modulate",
+    "layernorm_modulate",
+    "use_backend",
+]
