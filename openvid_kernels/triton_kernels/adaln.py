@@ -117,12 +117,13 @@ def _adaln_backward_kernel(
         tl.store(PARTIAL_GATE + slot, acc_gate, mask=mask)
 
 
-# Elements of x per forward program (whole rows); tuned on an H100 for C = 1152.
+# Launch shapes tuned on an H100 at bf16 C = 1152 (benchmarks/sweep_adaln.py): two rows of 2048 lanes per
+# forward program and four warps for either kernel beat wider tiles and more warps.
 FORWARD_TILE_ELEMENTS = 4096
 
 
 def _num_warps(tile_elements: int) -> int:
-    return max(1, min(16, tile_elements // 256))
+    return max(1, min(16, tile_elements // 1024))
 
 
 def _strides(t: torch.Tensor | None) -> tuple[int, int]:
@@ -173,5 +174,5 @@ def backward(grad_h, grad_x_out, x_ln, mean, rstd, scale, y, gate, grad_x, grad_
         HAS_RESIDUAL=residual,
         HAS_GRAD_X_OUT=grad_x_out is not None,
         BLOCK_C=block_c,
-        num_warps=num_warps or _num_warps(block_c),
+        num_warps=num_warps or _num_warps(2 * block_c),
     )

@@ -1,0 +1,238 @@
+// The one file of openvid_kernels._C that knows torch: argument checks (a second line of defence behind the
+// Python wrappers), device guard, current stream, and the launch status turned into a Python exception.
+//
+// The current stream is at::cuda::getCurrentCUDAStream() (an alias of c10::cuda::getCurrentCUDAStream). It is
+// included through c10/cuda/CUDAStream.h rather than ATen/cuda/CUDAContext.h, which would also pull in the
+// cuSPARSE/cuBLAS/cuSOLVER headers that this extension does not need.
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/extension.h>
+
+#include <cstdint>
+#include <optional>
+
+#include "adaln.cuh"
+
+namespace {
+
+using OptTensor = std::optional<at::Tensor>;
+
+openvid::DType to_openvid_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return openvid::DType::kFloat32;
+    case at::kHalf: return openvid::DType::kFloat16;
+    case at::kBFloat16: return openvid::DType::kBFloat16;
+    default: TORCH_CHECK(false, "openvid adaln: unsupported dtype ", t, " (float32, float16 and bfloat16 only)");
+  }
+}
+
+bool aligned16(const at::Tensor& t) { return reinterpret_cast<std::uintptr_t>(t.data_ptr()) % 16 == 0; }
+
+void check_device(const at::Tensor& t, const char* name, const at::Device& device) {
+  TORCH_CHECK(t.is_cuda(), "openvid adaln: ", name, " must be a CUDA tensor, got one on ", t.device());
+  TORCH_CHECK(t.device() == device, "openvid adaln: ", name, " must be on ", device, ", got ", t.device());
+}
+
+// A [B, R, C] tensor of the element dtype: shape, contiguous last dimension, 16-byte aligned data, strides of
+// dimensions with more than one index multiples of 8 elements.
+void check_rows(const at::Tensor& t, const char* name, const at::Device& device, at::ScalarType dtype, int64_t B,
+                int64_t R, int64_t C) {
+  check_device(t, name, device);
+  TORCH_CHECK(t.scalar_type() == dtype, "openvid adaln: ", name, " must have dtype ", dtype, ", got ",
+              t.scalar_type());
+  TORCH_CHECK(t.dim() == 3 && t.size(0) == B && t.size(1) == R && t.size(2) == C, "openvid adaln: ", name,
+              " must have shape [", B, ", ", R, ", ", C, "], got ", t.sizes());
+  if (t.numel() == 0) return;
+  TORCH_CHECK(t.stride(2) == 1, "openvid adaln: ", name, " must have a contiguous last dimension, got strides ",
+              t.strides());
+  TORCH_CHECK(aligned16(t), "openvid adaln: ", name, " data pointer must be 16-byte aligned");
+  TORCH_CHECK((B <= 1 || t.stride(0) % 8 == 0) && (R <= 1 || t.stride(1) % 8 == 0), "openvid adaln: ", name,
+              " strides must be multiples of 8 elements, got ", t.strides());
+}
+
+// fp32 contiguous statistics [B * N].
+void check_stats(const at::Tensor& t, const char* name, const at::Device& device, int64_t rows) {
+  check_device(t, name, device);
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "openvid adaln: ", name, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == rows && t.is_contiguous(), "openvid adaln: ", name,
+              " must be a contiguous 1-D tensor of ", rows, " elements, got sizes ", t.sizes(), " strides ",
+              t.strides());
+}
+
+// fp32 contiguous partial sums [B, G, K, C].
+void check_partial(const at::Tensor& t, const char* name, const at::Device& device, int64_t B, int64_t G, int64_t K,
+                   int64_t C) {
+  check_device(t, name, device);
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "openvid adaln: ", name, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 4 && t.size(0) == B && t.size(1) == G && t.size(2) == K && t.size(3) == C &&
+                  t.is_contiguous(),
+              "openvid adaln: ", name, " must be a contiguous [", B, ", ", G, ", ", K, ", ", C, "] tensor, got sizes ",
+              t.sizes(), " strides ", t.strides());
+  TORCH_CHECK(t.numel() == 0 || aligned16(t), "openvid adaln: ", name, " data pointer must be 16-byte aligned");
+}
+
+void check_c(int64_t C) {
+  TORCH_CHECK(C >= 1 && C <= openvid::kAdaLNMaxC && C % 8 == 0, "openvid adaln: C must be a multiple of 8 in [8, ",
+              openvid::kAdaLNMaxC, "], got ", C);
+}
+
+template <typename P>
+openvid::Strided3D<P> rows_of(const at::Tensor& t) {
+  return openvid::Strided3D<P>{static_cast<P>(t.data_ptr()), t.stride(0), t.stride(1)};
+}
+
+void raise_on_error(cudaError_t err, const char* kernel) {
+  TORCH_CHECK(err == cudaSuccess, "openvid: ", kernel, " failed: ", cudaGetErrorName(err), " (",
+              cudaGetErrorString(err), ")");
+}
+
+void adaln_forward(const at::Tensor& x, const OptTensor& y, const OptTensor& gate, const at::Tensor& shift,
+                   const at::Tensor& scale, const at::Tensor& h, const OptTensor& x_out, const at::Tensor& mean,
+                   const at::Tensor& rstd, double eps) {
+  const bool residual = y.has_value();
+  TORCH_CHECK(gate.has_value() == residual && x_out.has_value() == residual,
+              "openvid adaln_forward: y, gate and x_out must be given together (residual mode) or all be None");
+  TORCH_CHECK(x.dim() == 3, "openvid adaln_forward: x must be 3-D [B, N, C], got sizes ", x.sizes());
+  TORCH_CHECK(shift.dim() == 3, "openvid adaln_forward: shift must be 3-D [B, G, C], got sizes ", shift.sizes());
+  const int64_t B = x.size(0), N = x.size(1), C = x.size(2), G = shift.size(1);
+  check_c(C);
+  TORCH_CHECK(G >= 1 && N % G == 0, "openvid adaln_forward: N (", N, ") must be a multiple of G (", G, ")");
+  TORCH_CHECK(eps >= 0.0, "openvid adaln_forward: eps must be >= 0, got ", eps);
+  const at::Device device = x.device();
+  const at::ScalarType dtype = x.scalar_type();
+  to_openvid_dtype(dtype);  // rejects other dtypes
+  check_rows(x, "x", device, dtype, B, N, C);
+  check_rows(shift, "shift", device, dtype, B, G, C);
+  check_rows(scale, "scale", device, dtype, B, G, C);
+  check_rows(h, "h", device, dtype, B, N, C);
+  check_stats(mean, "mean", device, B * N);
+  check_stats(rstd, "rstd", device, B * N);
+  if (residual) {
+    check_rows(*y, "y", device, dtype, B, N, C);
+    check_rows(*gate, "gate", device, dtype, B, G, C);
+    check_rows(*x_out, "x_out", device, dtype, B, N, C);
+  }
+  if (B * N == 0) return;
+
+  openvid::AdaLNForwardParams p;
+  p.dtype = to_openvid_dtype(dtype);
+  p.residual = residual;
+  p.B = B;
+  p.N = N;
+  p.G = G;
+  p.C = C;
+  p.eps = static_cast<float>(eps);
+  p.x = rows_of<const void*>(x);
+  p.shift = rows_of<const void*>(shift);
+  p.scale = rows_of<const void*>(scale);
+  p.h = rows_of<void*>(h);
+  p.mean = mean.data_ptr<float>();
+  p.rstd = rstd.data_ptr<float>();
+  if (residual) {
+    p.y = rows_of<const void*>(*y);
+    p.gate = rows_of<const void*>(*gate);
+    p.x_out = rows_of<void*>(*x_out);
+  }
+  const c10::cuda::CUDAGuard device_guard(device);
+  raise_on_error(openvid::adaln_forward(p, at::cuda::getCurrentCUDAStream().stream()), "adaln_forward_kernel");
+}
+
+void adaln_backward(const at::Tensor& grad_h, const OptTensor& grad_x_out, const at::Tensor& x_ln,
+                    const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& scale, const OptTensor& y,
+                    const OptTensor& gate, const at::Tensor& grad_x, const OptTensor& grad_y,
+                    const at::Tensor& partial_shift, const at::Tensor& partial_scale, const OptTensor& partial_gate) {
+  const bool residual = y.has_value();
+  TORCH_CHECK(gate.has_value() == residual && grad_y.has_value() == residual && partial_gate.has_value() == residual,
+              "openvid adaln_backward: y, gate, grad_y and partial_gate must be given together (residual mode) or "
+              "all be None");
+  TORCH_CHECK(residual || !grad_x_out.has_value(), "openvid adaln_backward: grad_x_out is only for residual mode");
+  TORCH_CHECK(grad_h.dim() == 3, "openvid adaln_backward: grad_h must be 3-D [B, N, C], got sizes ", grad_h.sizes());
+  TORCH_CHECK(scale.dim() == 3, "openvid adaln_backward: scale must be 3-D [B, G, C], got sizes ", scale.sizes());
+  TORCH_CHECK(partial_shift.dim() == 4, "openvid adaln_backward: partial_shift must be 4-D [B, G, K, C], got sizes ",
+              partial_shift.sizes());
+  const int64_t B = grad_h.size(0), N = grad_h.size(1), C = grad_h.size(2), G = scale.size(1);
+  const int64_t K = partial_shift.size(2);
+  check_c(C);
+  TORCH_CHECK(G >= 1 && N % G == 0, "openvid adaln_backward: N (", N, ") must be a multiple of G (", G, ")");
+  TORCH_CHECK(K >= 1, "openvid adaln_backward: partial_*.size(2) (K) must be >= 1, got ", K);
+  TORCH_CHECK(N <= INT32_MAX, "openvid adaln_backward: N must fit in 32 bits, got ", N);
+  const at::Device device = grad_h.device();
+  const at::ScalarType dtype = grad_h.scalar_type();
+  to_openvid_dtype(dtype);
+  check_rows(grad_h, "grad_h", device, dtype, B, N, C);
+  check_rows(x_ln, "x_ln", device, dtype, B, N, C);
+  check_stats(mean, "mean", device, B * N);
+  check_stats(rstd, "rstd", device, B * N);
+  check_rows(scale, "scale", device, dtype, B, G, C);
+  check_rows(grad_x, "grad_x", device, dtype, B, N, C);
+  check_partial(partial_shift, "partial_shift", device, B, G, K, C);
+  check_partial(partial_scale, "partial_scale", device, B, G, K, C);
+  if (residual) {
+    if (grad_x_out.has_value()) check_rows(*grad_x_out, "grad_x_out", device, dtype, B, N, C);
+    check_rows(*y, "y", device, dtype, B, N, C);
+    check_rows(*gate, "gate", device, dtype, B, G, C);
+    check_rows(*grad_y, "grad_y", device, dtype, B, N, C);
+    check_partial(*partial_gate, "partial_gate", device, B, G, K, C);
+  }
+  if (B * G * K == 0) return;  // no slot to write (B == 0)
+
+  openvid::AdaLNBackwardParams p;
+  p.dtype = to_openvid_dtype(dtype);
+  p.residual = residual;
+  p.B = B;
+  p.N = N;
+  p.G = G;
+  p.C = C;
+  p.K = K;
+  p.grad_h = rows_of<const void*>(grad_h);
+  p.x_ln = rows_of<const void*>(x_ln);
+  p.mean = mean.data_ptr<float>();
+  p.rstd = rstd.data_ptr<float>();
+  p.scale = rows_of<const void*>(scale);
+  p.grad_x = rows_of<void*>(grad_x);
+  p.partial_shift = partial_shift.data_ptr<float>();
+  p.partial_scale = partial_scale.data_ptr<float>();
+  if (residual) {
+    if (grad_x_out.has_value()) p.grad_x_out = rows_of<const void*>(*grad_x_out);
+    p.y = rows_of<const void*>(*y);
+    p.gate = rows_of<const void*>(*gate);
+    p.grad_y = rows_of<void*>(*grad_y);
+    p.partial_gate = partial_gate->data_ptr<float>();
+  }
+  const c10::cuda::CUDAGuard device_guard(device);
+  raise_on_error(openvid::adaln_backward(p, at::cuda::getCurrentCUDAStream().stream()), "adaln_backward_kernel");
+}
+
+int64_t adaln_backward_blocks_per_sm(int64_t C, at::ScalarType dtype, bool residual) {
+  check_c(C);
+  const int blocks = openvid::adaln_backward_blocks_per_sm(to_openvid_dtype(dtype), C, residual);
+  TORCH_CHECK(blocks > 0, "openvid: cudaOccupancyMaxActiveBlocksPerMultiprocessor failed for adaln_backward_kernel");
+  return blocks;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "openvid-kernels CUDA extension: fused adaLN modulation (forward and backward)";
+  m.def("adaln_forward", &adaln_forward,
+        "adaln_forward(x, y, gate, shift, scale, h, x_out, mean, rstd, eps) -> None\n\n"
+        "plain (y, gate, x_out None): h = LayerNorm(x) * (1 + scale) + shift;\n"
+        "residual: x_out = x + gate * y (rounded once), h = LayerNorm(x_out) * (1 + scale) + shift.\n"
+        "x, y, h, x_out: [B, N, C]; shift, scale, gate: [B, G, C]; mean, rstd: fp32 [B*N] (written).",
+        pybind11::arg("x"), pybind11::arg("y"), pybind11::arg("gate"), pybind11::arg("shift"),
+        pybind11::arg("scale"), pybind11::arg("h"), pybind11::arg("x_out"), pybind11::arg("mean"),
+        pybind11::arg("rstd"), pybind11::arg("eps"));
+  m.def("adaln_backward", &adaln_backward,
+        "adaln_backward(grad_h, grad_x_out, x_ln, mean, rstd, scale, y, gate, grad_x, grad_y, partial_shift, "
+        "partial_scale, partial_gate) -> None\n\n"
+        "Writes grad_x (and grad_y in residual mode) and fp32 partial sums [B, G, K, C] of the shift, scale "
+        "(and gate) gradients; sum them over dim 2.",
+        pybind11::arg("grad_h"), pybind11::arg("grad_x_out"), pybind11::arg("x_ln"), pybind11::arg("mean"),
+        pybind11::arg("rstd"), pybind11::arg("scale"), pybind11::arg("y"), pybind11::arg("gate"),
+        pybind11::arg("grad_x"), pybind11::arg("grad_y"), pybind11::arg("partial_shift"),
+        pybind11::arg("partial_scale"), pybind11::arg("partial_gate"));
+  m.def("adaln_backward_blocks_per_sm", &adaln_backward_blocks_per_sm,
+        "adaln_backward_blocks_per_sm(C, dtype, residual) -> int: backward blocks (one per partial slot) resident "
+        "per multiprocessor of the current device, to choose K so that B*G*K fills the GPU",
+        pybind11::arg("C"), pybind11::arg("dtype"), pybind11::arg("residual"));
+}
