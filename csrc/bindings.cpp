@@ -8,10 +8,13 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>
 
+#include <array>
+#include <cmath>
 #include <cstdint>
 #include <optional>
 
 #include "adaln.cuh"
+#include "temporal_attention.cuh"
 
 namespace {
 
@@ -28,9 +31,10 @@ openvid::DType to_openvid_dtype(at::ScalarType t) {
 
 bool aligned16(const at::Tensor& t) { return reinterpret_cast<std::uintptr_t>(t.data_ptr()) % 16 == 0; }
 
-void check_device(const at::Tensor& t, const char* name, const at::Device& device) {
-  TORCH_CHECK(t.is_cuda(), "openvid adaln: ", name, " must be a CUDA tensor, got one on ", t.device());
-  TORCH_CHECK(t.device() == device, "openvid adaln: ", name, " must be on ", device, ", got ", t.device());
+// `op` names the operation in the message ("openvid <op>: ...").
+void check_device(const at::Tensor& t, const char* name, const at::Device& device, const char* op = "adaln") {
+  TORCH_CHECK(t.is_cuda(), "openvid ", op, ": ", name, " must be a CUDA tensor, got one on ", t.device());
+  TORCH_CHECK(t.device() == device, "openvid ", op, ": ", name, " must be on ", device, ", got ", t.device());
 }
 
 // A [B, R, C] tensor of the element dtype: shape, contiguous last dimension, 16-byte aligned data, strides of
@@ -203,6 +207,141 @@ void adaln_backward(const at::Tensor& grad_h, const OptTensor& grad_x_out, const
   raise_on_error(openvid::adaln_backward(p, at::cuda::getCurrentCUDAStream().stream()), "adaln_backward_kernel");
 }
 
+// ---- temporal attention ---------------------------------------------------------------------------------
+
+constexpr const char* kTA = "temporal_attention";
+
+openvid::DType to_temporal_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf: return openvid::DType::kFloat16;
+    case at::kBFloat16: return openvid::DType::kBFloat16;
+    default: TORCH_CHECK(false, "openvid temporal_attention: unsupported dtype ", t, " (float16 and bfloat16 only)");
+  }
+}
+
+// A [B, T, S, H, D] tensor of the element dtype: shape, contiguous head dim, 16-byte aligned data, strides of
+// dimensions with more than one index multiples of 8 elements (any other strides, e.g. views of a packed qkv).
+void check_frames(const at::Tensor& t, const char* name, const at::Device& device, at::ScalarType dtype, int64_t B,
+                  int64_t T, int64_t S, int64_t H, int64_t D) {
+  check_device(t, name, device, kTA);
+  TORCH_CHECK(t.scalar_type() == dtype, "openvid temporal_attention: ", name, " must have dtype ", dtype, ", got ",
+              t.scalar_type());
+  TORCH_CHECK(t.dim() == 5 && t.size(0) == B && t.size(1) == T && t.size(2) == S && t.size(3) == H &&
+                  t.size(4) == D,
+              "openvid temporal_attention: ", name, " must have shape [B, T, S, H, D] = [", B, ", ", T, ", ", S, ", ",
+              H, ", ", D, "], got ", t.sizes());
+  if (t.numel() == 0) return;
+  TORCH_CHECK(t.stride(4) == 1, "openvid temporal_attention: ", name,
+              " must have a contiguous head dim (stride(4) == 1), got strides ", t.strides());
+  TORCH_CHECK(aligned16(t), "openvid temporal_attention: ", name, " data pointer must be 16-byte aligned");
+  for (int d = 0; d < 4; ++d) {
+    TORCH_CHECK(t.size(d) <= 1 || t.stride(d) % 8 == 0, "openvid temporal_attention: ", name,
+                " strides must be multiples of 8 elements, got ", t.strides());
+  }
+}
+
+// fp32 contiguous softmax statistics [B, S, H, T].
+void check_lse(const at::Tensor& t, const at::Device& device, int64_t B, int64_t S, int64_t H, int64_t T) {
+  check_device(t, "lse", device, kTA);
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "openvid temporal_attention: lse must be float32, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 4 && t.size(0) == B && t.size(1) == S && t.size(2) == H && t.size(3) == T &&
+                  t.is_contiguous(),
+              "openvid temporal_attention: lse must be a contiguous [B, S, H, T] = [", B, ", ", S, ", ", H, ", ", T,
+              "] tensor, got sizes ", t.sizes(), " strides ", t.strides());
+}
+
+// Shape [B, T, S, H, D] of q; checks T and D against the kernels' limits and the scale.
+std::array<int64_t, 5> temporal_shape(const at::Tensor& q, double softmax_scale) {
+  TORCH_CHECK(q.dim() == 5, "openvid temporal_attention: q must be 5-D [B, T, S, H, D], got sizes ", q.sizes());
+  const int64_t T = q.size(1), D = q.size(4);
+  TORCH_CHECK(T >= 1 && T <= openvid::kTemporalAttentionMaxT,
+              "openvid temporal_attention: T (q.size(1)) must be in [1, ", openvid::kTemporalAttentionMaxT,
+              "], got ", T);
+  TORCH_CHECK(D >= 8 && D <= openvid::kTemporalAttentionMaxD && D % 8 == 0,
+              "openvid temporal_attention: D (q.size(4)) must be a multiple of 8 in [8, ",
+              openvid::kTemporalAttentionMaxD, "], got ", D);
+  TORCH_CHECK(std::isfinite(softmax_scale), "openvid temporal_attention: softmax_scale must be finite, got ",
+              softmax_scale);
+  return {q.size(0), T, q.size(2), q.size(3), D};
+}
+
+template <typename P>
+openvid::Strided5D<P> frames_of(const at::Tensor& t) {
+  return openvid::Strided5D<P>{static_cast<P>(t.data_ptr()), t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+}
+
+void temporal_attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                                const at::Tensor& lse, double softmax_scale) {
+  const auto [B, T, S, H, D] = temporal_shape(q, softmax_scale);
+  const at::Device device = q.device();
+  const at::ScalarType dtype = q.scalar_type();
+  const openvid::DType dt = to_temporal_dtype(dtype);
+  check_frames(q, "q", device, dtype, B, T, S, H, D);
+  check_frames(k, "k", device, dtype, B, T, S, H, D);
+  check_frames(v, "v", device, dtype, B, T, S, H, D);
+  check_frames(out, "out", device, dtype, B, T, S, H, D);
+  check_lse(lse, device, B, S, H, T);
+  if (B * S * H == 0) return;
+
+  openvid::TemporalAttentionForwardParams p;
+  p.dtype = dt;
+  p.B = B;
+  p.T = T;
+  p.S = S;
+  p.H = H;
+  p.D = D;
+  p.softmax_scale = static_cast<float>(softmax_scale);
+  p.q = frames_of<const void*>(q);
+  p.k = frames_of<const void*>(k);
+  p.v = frames_of<const void*>(v);
+  p.out = frames_of<void*>(out);
+  p.lse = lse.data_ptr<float>();
+  const c10::cuda::CUDAGuard device_guard(device);
+  raise_on_error(openvid::temporal_attention_forward(p, at::cuda::getCurrentCUDAStream().stream()),
+                 "temporal_attention_forward_kernel");
+}
+
+void temporal_attention_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                                 const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                                 const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
+                                 double softmax_scale) {
+  const auto [B, T, S, H, D] = temporal_shape(q, softmax_scale);
+  const at::Device device = q.device();
+  const at::ScalarType dtype = q.scalar_type();
+  const openvid::DType dt = to_temporal_dtype(dtype);
+  check_frames(dout, "dout", device, dtype, B, T, S, H, D);
+  check_frames(q, "q", device, dtype, B, T, S, H, D);
+  check_frames(k, "k", device, dtype, B, T, S, H, D);
+  check_frames(v, "v", device, dtype, B, T, S, H, D);
+  check_frames(out, "out", device, dtype, B, T, S, H, D);
+  check_lse(lse, device, B, S, H, T);
+  check_frames(dq, "dq", device, dtype, B, T, S, H, D);
+  check_frames(dk, "dk", device, dtype, B, T, S, H, D);
+  check_frames(dv, "dv", device, dtype, B, T, S, H, D);
+  if (B * S * H == 0) return;
+
+  openvid::TemporalAttentionBackwardParams p;
+  p.dtype = dt;
+  p.B = B;
+  p.T = T;
+  p.S = S;
+  p.H = H;
+  p.D = D;
+  p.softmax_scale = static_cast<float>(softmax_scale);
+  p.q = frames_of<const void*>(q);
+  p.k = frames_of<const void*>(k);
+  p.v = frames_of<const void*>(v);
+  p.out = frames_of<const void*>(out);
+  p.dout = frames_of<const void*>(dout);
+  p.lse = lse.data_ptr<float>();
+  p.dq = frames_of<void*>(dq);
+  p.dk = frames_of<void*>(dk);
+  p.dv = frames_of<void*>(dv);
+  const c10::cuda::CUDAGuard device_guard(device);
+  raise_on_error(openvid::temporal_attention_backward(p, at::cuda::getCurrentCUDAStream().stream()),
+                 "temporal_attention_backward_kernel");
+}
+
 int64_t adaln_backward_blocks_per_sm(int64_t C, at::ScalarType dtype, bool residual) {
   check_c(C);
   const int blocks = openvid::adaln_backward_blocks_per_sm(to_openvid_dtype(dtype), C, residual);
@@ -213,7 +352,9 @@ int64_t adaln_backward_blocks_per_sm(int64_t C, at::ScalarType dtype, bool resid
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "openvid-kernels CUDA extension: fused adaLN modulation (forward and backward)";
+  m.doc() =
+      "openvid-kernels CUDA extension: fused adaLN modulation and temporal attention over many short sequences "
+      "(forward and backward)";
   m.def("adaln_forward", &adaln_forward,
         "adaln_forward(x, y, gate, shift, scale, h, x_out, mean, rstd, eps) -> None\n\n"
         "plain (y, gate, x_out None): h = LayerNorm(x) * (1 + scale) + shift;\n"
@@ -235,4 +376,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "adaln_backward_blocks_per_sm(C, dtype, residual) -> int: backward blocks (one per partial slot) resident "
         "per multiprocessor of the current device, to choose K so that B*G*K fills the GPU",
         pybind11::arg("C"), pybind11::arg("dtype"), pybind11::arg("residual"));
+  m.def("temporal_attention_forward", &temporal_attention_forward,
+        "temporal_attention_forward(q, k, v, out, lse, softmax_scale) -> None\n\n"
+        "Attention over T for every (b, s, h): out = softmax(softmax_scale * q k^T) v, lse = logsumexp of the "
+        "scaled scores (natural log).\n"
+        "q, k, v, out: fp16/bf16 [B, T, S, H, D] (any strides that are multiples of 8 elements, stride(4) == 1, "
+        "e.g. views of a packed [B, T*S, 3, H, D] qkv); 1 <= T <= 128, D % 8 == 0, 8 <= D <= 128; "
+        "lse: fp32 contiguous [B, S, H, T] (written).",
+        pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("out"), pybind11::arg("lse"),
+        pybind11::arg("softmax_scale"));
+  m.def("temporal_attention_backward", &temporal_attention_backward,
+        "temporal_attention_backward(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale) -> None\n\n"
+        "Writes dq, dk, dv ([B, T, S, H, D], e.g. views of one packed gradient buffer; they must not overlap each "
+        "other or any input) from the forward's out and lse.",
+        pybind11::arg("dout"), pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("out"),
+        pybind11::arg("lse"), pybind11::arg("dq"), pybind11::arg("dk"), pybind11::arg("dv"),
+        pybind11::arg("softmax_scale"));
 }

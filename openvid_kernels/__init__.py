@@ -6,6 +6,7 @@ Every op is a ``torch.library`` custom op with autograd and ``torch.compile`` su
 
 from openvid_kernels.adaln import gated_residual_layernorm_modulate, layernorm_modulate
 from openvid_kernels.backends import cuda_extension_available, default_backend, use_backend
+from openvid_kernels.temporal import temporal_attention, temporal_attention_packed
 
 __version__ = "0.1.0"
 
@@ -14,5 +15,7 @@ __all__ = [
     "default_backend",
     "gated_residual_layernorm_modulate",
     "layernorm_modulate",
+    "temporal_attention",
+    "temporal_attention_packed",
     "use_backend",
 ]
