@@ -113,7 +113,7 @@ def test_temporal_attention(benchmark, direction, B, S, provider):
     else:
         sdpa_backend = SDPA_BACKENDS[provider.removesuffix("-nocopy")]
         # [B*S, H, T, D] contiguous, from the same values (sequence (b, s) holds tokens t*S + s of sample b).
-        q, k, v = (t.detach().unflatten(1, (FRAMES, S)).permute(0, 2, 4, 1, 5).reshape(B * S, HEADS, FRAMES, HEAD_DIM)
+        q, k, v = (t.detach().unflatten(1, (FRAMES, S)).permute(0, 2, 3, 1, 4).reshape(B * S, HEADS, FRAMES, HEAD_DIM)
                    .contiguous().requires_grad_(backward) for t in qkv.unbind(2))
         if provider.endswith("-nocopy"):
             inputs = (q, k, v)

@@ -128,14 +128,19 @@ def _cuda_layout_problem(tensors: dict[str, torch.Tensor]) -> str | None:
     return None
 
 
-# Where both kernel backends take a call, "auto" runs the faster, measured on an H100 at bf16, D = 72, T = 16
-# (benchmarks/sweep_temporal.py): the CUDA forward (121 us against Triton's 122 at 2048 x 16, ahead at T = 128)
-# and the Triton backward (249 us against 276).
-_AUTO_PREFERS_CUDA = {"forward": True, "backward": False}
+def _auto_prefers_cuda(direction: str, frames: int) -> bool:
+    """Where both kernel backends take a call, "auto" runs the faster, measured on an H100 at bf16, H = 16,
+    D = 72 (BENCHMARKS.md, benchmarks/sweep_temporal.py): Triton up to T = 64 in both directions (forward
+    116 us against 120 at 2048 x 16, backward 249 against 276), the CUDA forward beyond (192 against 201 at
+    T = 128)."""
+    return direction == "forward" and frames > 64
 
 
 def _use_cuda(backend: str, direction: str, tensors: dict[str, torch.Tensor]) -> bool:
-    if backend == "triton" or (backend == "auto" and not (backends.cuda_extension and _AUTO_PREFERS_CUDA[direction])):
+    frames = next(iter(tensors.values())).shape[1]
+    if backend == "triton" or (
+        backend == "auto" and not (backends.cuda_extension and _auto_prefers_cuda(direction, frames))
+    ):
         return False
     problem = _cuda_layout_problem(tensors)
     if backend == "cuda" and problem is not None:

@@ -239,17 +239,19 @@ def test_auto_runs_long_sequences_through_sdpa():
 
 
 @pytest.mark.gpu
-def test_cuda_backend_rejects_fp32_and_unaligned_strides_and_auto_falls_back_to_triton(monkeypatch):
+def test_auto_choice_and_cuda_backend_limits(monkeypatch):
+    """auto: Triton up to T = 64, the CUDA forward beyond when it takes the layout; backend='cuda' says why not."""
     calls = []
     original = ta.triton_temporal.forward
     monkeypatch.setattr(ta.triton_temporal, "forward", lambda *a: calls.append("triton") or original(*a))
     factory = dict(device="cuda", dtype=torch.bfloat16)
-    aligned = torch.randn(2, 16 * 5, 3, 2, 72, **factory)
-    unaligned = torch.randn(2, 16 * 5, 3, 2, 76, **factory)[..., :72]  # head stride 76: not a multiple of 8
-    for qkv in (aligned, unaligned):
-        out = ok.temporal_attention_packed(qkv, 16)
-        assert_close_to_reference(out, ta.temporal_attention_packed_reference(qkv.double(), 16), torch.bfloat16, "auto")
-    assert calls == (["triton"] if ok.cuda_extension_available() else ["triton", "triton"])
+    aligned = torch.randn(2, 128 * 5, 3, 2, 72, **factory)
+    unaligned = torch.randn(2, 128 * 5, 3, 2, 76, **factory)[..., :72]  # head stride 76: not a multiple of 8
+    for qkv, frames in ((aligned, 16), (aligned, 128), (unaligned, 128)):
+        out = ok.temporal_attention_packed(qkv, frames)
+        reference = ta.temporal_attention_packed_reference(qkv.double(), frames)
+        assert_close_to_reference(out, reference, torch.bfloat16, f"auto T={frames}")
+    assert calls == (["triton", "triton"] if ok.cuda_extension_available() else ["triton"] * 3)
     if ok.cuda_extension_available():
         with pytest.raises(ValueError, match="not multiples of 8 elements"):
             ok.temporal_attention_packed(unaligned, 16, backend="cuda")
