@@ -141,26 +141,32 @@ def test_opcheck(device, backend, dtype):
     )
 
 
-def temporal_block(x, weight_qkv, weight_out, frames, heads, backend):
+def temporal_block(x, weight_qkv, weight_out, frames, heads, packed, backend):
     """A temporal attention sub-layer as in STDiT: qkv projection, attention over frames, output projection."""
     qkv = (x @ weight_qkv).unflatten(-1, (3, heads, -1))
-    out = ok.temporal_attention_packed(qkv, frames, backend=backend)
+    if packed:
+        out = ok.temporal_attention_packed(qkv, frames, backend=backend)
+    else:
+        q, k, v = qkv.unflatten(1, (frames, -1)).unbind(3)
+        out = ok.temporal_attention(q, k, v, backend=backend).flatten(1, 2)
     return out.flatten(-2) @ weight_out
 
 
 @pytest.mark.parametrize("device,backend,dtype", FIRST_CPU_AND_GPU)
-def test_torch_compile_fullgraph_forward_and_backward(device, backend, dtype):
-    torch.manual_seed(10)
+@pytest.mark.parametrize("frames", [3, 16, 17])
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "separate"])
+def test_torch_compile_fullgraph_forward_and_backward(device, backend, dtype, frames, packed):
+    torch.manual_seed(10 + frames)
     factory = dict(device=device, dtype=dtype)
-    T, heads, C = 16, 2, 144  # head dim 72
-    inputs = [torch.randn(B, T * S, C, **factory), torch.randn(C, 3 * C, **factory) / C**0.5,
+    heads, C = 2, 144  # head dim 72
+    inputs = [torch.randn(B, frames * S, C, **factory), torch.randn(C, 3 * C, **factory) / C**0.5,
               torch.randn(C, C, **factory) / C**0.5]
     compiled = torch.compile(temporal_block, fullgraph=True)
     kernel_inputs = leaves(*inputs)
-    out = compiled(*kernel_inputs, T, heads, backend)
+    out = compiled(*kernel_inputs, frames, heads, packed, backend)
     grads = torch.autograd.grad(out.sum(), kernel_inputs)
     ref_inputs = leaves(*(t.double() for t in inputs))
-    ref_out = temporal_block(*ref_inputs, T, heads, "reference")
+    ref_out = temporal_block(*ref_inputs, frames, heads, packed, "reference")
     ref_grads = torch.autograd.grad(ref_out.sum(), ref_inputs)
     assert_close_to_reference(out, ref_out, dtype, "compiled output")
     for name, grad, ref in zip(("x", "weight_qkv", "weight_out"), grads, ref_grads):
