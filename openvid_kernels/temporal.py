@@ -20,6 +20,8 @@ Layering: functional API (validation, backend choice) -> ``torch.ops.openvid.*``
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -99,8 +101,8 @@ def _scale(softmax_scale: float | None, head_dim: int) -> float:
     if softmax_scale is None:
         return head_dim ** -0.5
     softmax_scale = float(softmax_scale)
-    if not softmax_scale > 0.0:
-        raise ValueError(f"softmax_scale must be a positive number, got {softmax_scale}")
+    if not 0.0 < softmax_scale < math.inf:
+        raise ValueError(f"softmax_scale must be a positive finite number, got {softmax_scale}")
     return softmax_scale
 
 
@@ -123,7 +125,7 @@ def _cuda_layout_problem(tensors: dict[str, torch.Tensor]) -> str | None:
             return f"{name} has dtype {t.dtype}; the CUDA kernels take float16 and bfloat16"
         if t.data_ptr() % 16:
             return f"{name}'s data pointer is not 16-byte aligned"
-        if any(stride % 8 for stride in t.stride()[:-1]):
+        if any(stride % 8 for stride, size in zip(t.stride()[:-1], t.shape[:-1]) if size > 1):
             return f"{name} has strides {t.stride()}, not multiples of 8 elements"
     return None
 

@@ -7,9 +7,9 @@ import openvid_kernels as ok
 from openvid_kernels import temporal as ta
 from tests.utils import KERNEL_CONFIGS, TOLERANCE, assert_close_to_reference
 
-# The CUDA kernels take fp16/bf16 only (fp32 goes to Triton under "auto"; test_cuda_backend_rejects_fp32).
+# The CUDA kernels take fp16/bf16 only (fp32 goes to Triton under "auto"; test_auto_choice_and_cuda_backend_limits).
 CONFIGS = [p for p in KERNEL_CONFIGS if p.id != "cuda-cuda-float32"]
-FIRST_CPU_AND_GPU = KERNEL_CONFIGS[:1] + KERNEL_CONFIGS[2:3] + KERNEL_CONFIGS[5:6]  # triton fp32, cuda bf16 both
+FIRST_CPU_AND_GPU = KERNEL_CONFIGS[:1] + KERNEL_CONFIGS[2:3] + KERNEL_CONFIGS[5:6]  # CPU Triton fp32; GPU bf16 on both
 
 FRAMES = [1, 3, 16, 17, 64]
 HEAD_DIMS = [64, 72, 128]
@@ -216,8 +216,9 @@ def test_bad_separate_arguments_are_named():
         ok.temporal_attention(q.long(), q.long(), q.long())
     with pytest.raises(ValueError, match=r"q, k, v must be 5-D \[B, T, S, H, D\] or 4-D"):
         ok.temporal_attention(q[0, 0], q[0, 0], q[0, 0])
-    with pytest.raises(ValueError, match="softmax_scale must be a positive number"):
-        ok.temporal_attention(q, q, q, softmax_scale=-1.0)
+    for scale in (-1.0, 0.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="softmax_scale must be a positive finite number"):
+            ok.temporal_attention(q, q, q, softmax_scale=scale)
 
 
 @pytest.mark.skipif(not ta.backends.TRITON_INTERPRET, reason="needs the Triton interpreter")
