@@ -9,9 +9,10 @@ A program takes BLOCK_S consecutive positions of one head and holds their whole 
 in registers, so no online softmax and no second pass are needed. Its BLOCK_S * BLOCK_T rows (row r is frame
 r % BLOCK_T of position r // BLOCK_T) form one 2-D tile, and a block-diagonal mask keeps the sequences apart
 (with BLOCK_S = 1, the default, there is nothing to mask but padding). Programs of neighbouring heads run side
-by side, so together they read whole tokens of the packed qkv layout. The head dim is split into a
-power-of-two main part and a small tail (72 = 64 + 8, read as 64 + 16 with a mask) instead of being padded to
-the next power of two.
+by side, so together they read whole tokens of the packed qkv layout. Loads and stores move exactly D
+elements per row (masked); in registers the head dim is split into a power-of-two main part and a small tail
+(72 = 64 + 8, computed as 64 + 16) with up to 2 warps, and padded to the next power of two with more (see
+``head_dim_split``).
 """
 
 from __future__ import annotations
