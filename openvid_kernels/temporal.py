@@ -20,18 +20,14 @@ Layering: functional API (validation, backend choice) -> ``torch.ops.openvid.*``
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
+from openvid_kernels import _attention_args as args
 from openvid_kernels import backends
 from openvid_kernels.triton_kernels import temporal_attention as triton_temporal
 
 MAX_FRAMES = 128
-MAX_HEAD_DIM = 128
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-CUDA_DTYPES = (torch.float16, torch.bfloat16)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -57,53 +53,16 @@ def _unpack(qkv: torch.Tensor, num_frames: int) -> tuple[torch.Tensor, torch.Ten
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Argument checks. They read only shapes, dtypes, strides and devices, so they also run while tracing.
+# Argument checks (shared ones in _attention_args). They read only shapes, dtypes, strides and devices.
 # ---------------------------------------------------------------------------------------------------------
 
-def _check_tensor(t, name: str) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
-
-
-def _check_same(tensors: dict[str, torch.Tensor]) -> None:
-    (first_name, first), *others = tensors.items()
-    for name, t in others:
-        if t.shape != first.shape:
-            raise ValueError(f"{name} has shape {list(t.shape)} but {first_name} has {list(first.shape)}")
-        if t.dtype != first.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but {first_name} has {first.dtype}")
-        if t.device != first.device:
-            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}")
-
-
-def _check_kernel_limits(x: torch.Tensor, name: str, frames: int, head_dim: int, backend: str) -> None:
-    """Limits of the kernel backends (the reference takes any size and float dtype)."""
-    if x.dtype not in KERNEL_DTYPES:
-        raise TypeError(f"{name} has dtype {x.dtype}; the kernels take {KERNEL_DTYPES} (use backend='reference')")
-    if head_dim % 8 or not 8 <= head_dim <= MAX_HEAD_DIM:
-        raise ValueError(
-            f"{name} has head dim D = {head_dim}; the kernels take a multiple of 8 in [8, {MAX_HEAD_DIM}] "
-            "(use backend='reference')"
-        )
+def _check_frames(frames: int, name: str, backend: str) -> None:
     if frames > MAX_FRAMES:
         raise ValueError(
             f"{name} has T = {frames} frames; the short-sequence kernels take T <= {MAX_FRAMES} "
             f"(backend={backend!r}); backend='auto' or 'reference' runs longer sequences through "
             "scaled_dot_product_attention"
         )
-    if x.stride(-1) != 1:
-        raise ValueError(f"{name} must have a contiguous head dim (stride(-1) == 1), got strides {x.stride()}")
-
-
-def _scale(softmax_scale: float | None, head_dim: int) -> float:
-    if softmax_scale is None:
-        return head_dim ** -0.5
-    softmax_scale = float(softmax_scale)
-    if not 0.0 < softmax_scale < math.inf:
-        raise ValueError(f"softmax_scale must be a positive finite number, got {softmax_scale}")
-    return softmax_scale
 
 
 def _kernel_backend(backend: str | None, x: torch.Tensor, frames: int) -> str:
@@ -117,18 +76,6 @@ def _kernel_backend(backend: str | None, x: torch.Tensor, frames: int) -> str:
 # ---------------------------------------------------------------------------------------------------------
 # Launchers, choosing CUDA or Triton at run time.
 # ---------------------------------------------------------------------------------------------------------
-
-def _cuda_layout_problem(tensors: dict[str, torch.Tensor]) -> str | None:
-    """Why the CUDA kernels (16-byte vector accesses, fp16/bf16) cannot take these tensors, or None."""
-    for name, t in tensors.items():
-        if t.dtype not in CUDA_DTYPES:
-            return f"{name} has dtype {t.dtype}; the CUDA kernels take float16 and bfloat16"
-        if t.data_ptr() % 16:
-            return f"{name}'s data pointer is not 16-byte aligned"
-        if any(stride % 8 for stride, size in zip(t.stride()[:-1], t.shape[:-1]) if size > 1):
-            return f"{name} has strides {t.stride()}, not multiples of 8 elements"
-    return None
-
 
 def _auto_prefers_cuda(direction: str, frames: int) -> bool:
     """Where both kernel backends take a call, "auto" runs the faster, measured on an H100 at bf16, H = 16,
@@ -144,15 +91,10 @@ def _use_cuda(backend: str, direction: str, tensors: dict[str, torch.Tensor]) ->
         backend == "auto" and not (backends.cuda_extension and _auto_prefers_cuda(direction, frames))
     ):
         return False
-    problem = _cuda_layout_problem(tensors)
+    problem = args.cuda_layout_problem(tensors)
     if backend == "cuda" and problem is not None:
         raise ValueError(f"backend='cuda' cannot take this call: {problem}; use backend='triton' or 'auto'")
     return problem is None
-
-
-def _unit_head_stride(t: torch.Tensor) -> torch.Tensor:
-    # The public functions reject other strides; a compiled graph could still hand over a relaid-out tensor.
-    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def _lse_shape(q: torch.Tensor) -> tuple[int, int, int, int]:
@@ -161,7 +103,7 @@ def _lse_shape(q: torch.Tensor) -> tuple[int, int, int, int]:
 
 
 def _forward(q, k, v, softmax_scale: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    q, k, v = map(_unit_head_stride, (q, k, v))
+    q, k, v = map(args.unit_head_stride, (q, k, v))
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(_lse_shape(q), dtype=torch.float32, device=q.device)
     if q.numel():
@@ -173,7 +115,7 @@ def _forward(q, k, v, softmax_scale: float, backend: str) -> tuple[torch.Tensor,
 
 def _backward(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale: float, backend: str) -> None:
     """Writes dq, dk, dv (views into one packed buffer, or separate tensors)."""
-    dout = _unit_head_stride(dout)
+    dout = args.unit_head_stride(dout)
     if q.numel():
         cuda = _use_cuda(backend, "backward", dict(dout=dout, q=q, k=k, v=v, out=out, dq=dq, dk=dk, dv=dv))
         launch = backends.cuda_extension.temporal_attention_backward if cuda else triton_temporal.backward
@@ -296,19 +238,20 @@ def temporal_attention(q, k, v, softmax_scale: float | None = None, backend: str
     """
     tensors = dict(q=q, k=k, v=v)
     for name, t in tensors.items():
-        _check_tensor(t, name)
-    _check_same(tensors)
+        args.check_tensor(t, name)
+    args.check_same(tensors)
     if q.dim() == 4:
         return temporal_attention(q.unsqueeze(2), k.unsqueeze(2), v.unsqueeze(2), softmax_scale, backend).squeeze(2)
     if q.dim() != 5:
         raise ValueError(f"q, k, v must be 5-D [B, T, S, H, D] or 4-D [N, T, H, D], got shape {list(q.shape)}")
     frames, head_dim = q.shape[1], q.shape[-1]
-    scale = _scale(softmax_scale, head_dim)
+    scale = args.softmax_scale_or_default(softmax_scale, head_dim)
     name = _kernel_backend(backend, q, frames)
     if name == "reference":
         return temporal_attention_reference(q, k, v, scale)
     for tensor_name, t in tensors.items():
-        _check_kernel_limits(t, tensor_name, frames, head_dim, name)
+        args.check_kernel_dtype_and_head_dim(t, tensor_name)
+    _check_frames(frames, "q", name)
     out, _ = _temporal_attention_fwd(q, k, v, scale, name)
     return out
 
@@ -328,7 +271,7 @@ def temporal_attention_packed(
         ``[B, T*S, H, D]`` contiguous, qkv's dtype, token order unchanged. The gradient flows back as one packed
         ``[B, T*S, 3, H, D]`` tensor.
     """
-    _check_tensor(qkv, "qkv")
+    args.check_tensor(qkv, "qkv")
     if qkv.dim() != 5 or qkv.shape[2] != 3:
         raise ValueError(f"qkv must be 5-D [B, T*S, 3, H, D], got shape {list(qkv.shape)}")
     if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
@@ -339,10 +282,11 @@ def temporal_attention_packed(
             "T*S in frame-major order"
         )
     head_dim = qkv.shape[-1]
-    scale = _scale(softmax_scale, head_dim)
+    scale = args.softmax_scale_or_default(softmax_scale, head_dim)
     name = _kernel_backend(backend, qkv, num_frames)
     if name == "reference":
         return temporal_attention_packed_reference(qkv, num_frames, scale)
-    _check_kernel_limits(qkv, "qkv", num_frames, head_dim, name)
+    args.check_kernel_dtype_and_head_dim(qkv, "qkv")
+    _check_frames(num_frames, "qkv", name)
     out, _ = _temporal_attention_packed_fwd(qkv, num_frames, scale, name)
     return out

@@ -1,0 +1,74 @@
+"""Argument checks and layout helpers shared by the attention op families (temporal, spatial).
+
+They read only shapes, dtypes, strides and devices, so they also run while ``torch.compile`` traces.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+MAX_HEAD_DIM = 128
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+CUDA_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def check_tensor(t, name: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+
+
+def check_same(tensors: dict[str, torch.Tensor], dims: slice = slice(None)) -> None:
+    """Every tensor has the first one's dtype, device and ``shape[dims]``."""
+    (first_name, first), *others = tensors.items()
+    for name, t in others:
+        if t.dim() != first.dim() or t.shape[dims] != first.shape[dims]:
+            raise ValueError(f"{name} has shape {list(t.shape)} but {first_name} has {list(first.shape)}")
+        if t.dtype != first.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but {first_name} has {first.dtype}")
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}")
+
+
+def check_kernel_dtype_and_head_dim(x: torch.Tensor, name: str) -> None:
+    """Limits every attention kernel backend shares (the references take any size and float dtype)."""
+    if x.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"{name} has dtype {x.dtype}; the kernels take {KERNEL_DTYPES} (use backend='reference')")
+    head_dim = x.shape[-1]
+    if head_dim % 8 or not 8 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(
+            f"{name} has head dim D = {head_dim}; the kernels take a multiple of 8 in [8, {MAX_HEAD_DIM}] "
+            "(use backend='reference')"
+        )
+    if x.stride(-1) != 1:
+        raise ValueError(f"{name} must have a contiguous head dim (stride(-1) == 1), got strides {x.stride()}")
+
+
+def softmax_scale_or_default(softmax_scale: float | None, head_dim: int) -> float:
+    if softmax_scale is None:
+        return head_dim ** -0.5
+    softmax_scale = float(softmax_scale)
+    if not 0.0 < softmax_scale < math.inf:
+        raise ValueError(f"softmax_scale must be a positive finite number, got {softmax_scale}")
+    return softmax_scale
+
+
+def cuda_layout_problem(tensors: dict[str, torch.Tensor]) -> str | None:
+    """Why the CUDA attention kernels (16-byte vector or bulk-copy accesses, fp16/bf16) cannot take these
+    tensors, or None. Strides of size-1 dims are never used, so they are not checked."""
+    for name, t in tensors.items():
+        if t.dtype not in CUDA_DTYPES:
+            return f"{name} has dtype {t.dtype}; the CUDA kernels take float16 and bfloat16"
+        if t.data_ptr() % 16:
+            return f"{name}'s data pointer is not 16-byte aligned"
+        if any(stride % 8 for stride, size in zip(t.stride()[:-1], t.shape[:-1]) if size > 1):
+            return f"{name} has strides {t.stride()}, not multiples of 8 elements"
+    return None
+
+
+def unit_head_stride(t: torch.Tensor) -> torch.Tensor:
+    # The public functions reject other strides; a compiled graph could still hand over a relaid-out tensor.
+    return t if t.stride(-1) == 1 else t.contiguous()
