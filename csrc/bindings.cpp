@@ -12,8 +12,12 @@
 #include <cmath>
 #include <cstdint>
 #include <optional>
+#include <sstream>
+#include <string>
+#include <utility>
 
 #include "adaln.cuh"
+#include "spatial_attention.cuh"
 #include "temporal_attention.cuh"
 
 namespace {
@@ -342,6 +346,117 @@ void temporal_attention_backward(const at::Tensor& dout, const at::Tensor& q, co
                  "temporal_attention_backward_kernel");
 }
 
+// ---- spatial attention ----------------------------------------------------------------------------------
+
+// A [B, S, H, D] tensor of the element dtype: shape, contiguous head dim, 16-byte aligned data, strides of
+// dimensions with more than one index positive multiples of 8 elements (e.g. views of a packed [B, S, 3, H, D]).
+// Returns an error message, or an empty string when the tensor is fine.
+std::string spatial_tensor_problem(const at::Tensor& t, const char* name, const at::Device& device,
+                                   at::ScalarType dtype, int64_t B, int64_t S, int64_t H, int64_t D) {
+  std::ostringstream msg;
+  msg << "openvid spatial_attention: " << name << " ";
+  if (!t.is_cuda() || t.device() != device) {
+    msg << "must be a CUDA tensor on " << device << ", got one on " << t.device();
+  } else if (t.scalar_type() != dtype) {
+    msg << "must have dtype " << dtype << ", got " << t.scalar_type();
+  } else if (t.dim() != 4 || t.size(0) != B || t.size(1) != S || t.size(2) != H || t.size(3) != D) {
+    msg << "must have shape [B, S, H, D] = [" << B << ", " << S << ", " << H << ", " << D << "], got " << t.sizes();
+  } else if (t.numel() == 0) {
+    return {};
+  } else if (t.stride(3) != 1) {
+    msg << "must have a contiguous head dim (stride(3) == 1), got strides " << t.strides();
+  } else if (!aligned16(t)) {
+    msg << "data pointer must be 16-byte aligned";
+  } else {
+    for (int d = 0; d < 3; ++d) {
+      if (t.size(d) > 1 && (t.stride(d) <= 0 || t.stride(d) % 8 != 0)) {
+        msg << "strides must be positive multiples of 8 elements, got " << t.strides();
+        return msg.str();
+      }
+    }
+    return {};
+  }
+  return msg.str();
+}
+
+std::string toString(c10::IntArrayRef a) {
+  std::ostringstream o;
+  o << a;
+  return o.str();
+}
+
+template <typename P>
+openvid::Strided4D<P> seq_of(const at::Tensor& t) {
+  return openvid::Strided4D<P>{static_cast<P>(t.data_ptr()), t.stride(0), t.stride(1), t.stride(2)};
+}
+
+// Parameters for q, k, v, out after the shape/layout checks (problems are returned, not thrown).
+std::string spatial_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                           double softmax_scale, openvid::SpatialAttentionForwardParams& p) {
+  if (q.dim() != 4) return "openvid spatial_attention: q must be 4-D [B, S, H, D], got sizes " + toString(q.sizes());
+  const int64_t B = q.size(0), S = q.size(1), H = q.size(2), D = q.size(3);
+  if (D < 8 || D > openvid::kSpatialAttentionMaxD || D % 8 != 0) {
+    return "openvid spatial_attention: D (q.size(3)) must be a multiple of 8 in [8, " +
+           std::to_string(openvid::kSpatialAttentionMaxD) + "], got " + std::to_string(D);
+  }
+  if (!std::isfinite(softmax_scale) || softmax_scale < 0.0) {
+    return "openvid spatial_attention: softmax_scale must be finite and >= 0, got " + std::to_string(softmax_scale);
+  }
+  const at::ScalarType dtype = q.scalar_type();
+  if (dtype != at::kHalf && dtype != at::kBFloat16) {
+    return std::string("openvid spatial_attention: unsupported dtype ") + c10::toString(dtype) +
+           " (float16 and bfloat16 only)";
+  }
+  const at::Device device = q.device();
+  const std::pair<const at::Tensor*, const char*> tensors[] = {{&q, "q"}, {&k, "k"}, {&v, "v"}, {&out, "out"}};
+  for (const auto& [t, name] : tensors) {
+    std::string problem = spatial_tensor_problem(*t, name, device, dtype, B, S, H, D);
+    if (!problem.empty()) return problem;
+  }
+  p.dtype = dtype == at::kHalf ? openvid::DType::kFloat16 : openvid::DType::kBFloat16;
+  p.B = B;
+  p.S = S;
+  p.H = H;
+  p.D = D;
+  p.softmax_scale = static_cast<float>(softmax_scale);
+  p.q = seq_of<const void*>(q);
+  p.k = seq_of<const void*>(k);
+  p.v = seq_of<const void*>(v);
+  p.out = seq_of<void*>(out);
+  return {};
+}
+
+void spatial_attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                               const at::Tensor& lse, double softmax_scale) {
+  openvid::SpatialAttentionForwardParams p;
+  const std::string problem = spatial_params(q, k, v, out, softmax_scale, p);
+  TORCH_CHECK(problem.empty(), problem);
+  check_device(lse, "lse", q.device(), "spatial_attention");
+  TORCH_CHECK(lse.scalar_type() == at::kFloat, "openvid spatial_attention: lse must be float32, got ",
+              lse.scalar_type());
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == p.B && lse.size(1) == p.H && lse.size(2) == p.S && lse.is_contiguous(),
+              "openvid spatial_attention: lse must be a contiguous [B, H, S] = [", p.B, ", ", p.H, ", ", p.S,
+              "] tensor, got sizes ", lse.sizes(), " strides ", lse.strides());
+  if (p.B * p.S * p.H == 0) return;
+  p.lse = lse.data_ptr<float>();
+  const c10::cuda::CUDAGuard device_guard(q.device());
+  TORCH_CHECK(openvid::spatial_attention_forward_supported(p),
+              "openvid spatial_attention: this call is not supported by the CUDA kernel (needs an sm_90 GPU, a build "
+              "with the 90a architecture and the CUTLASS headers, and tensor-map-compatible strides); check "
+              "spatial_attention_forward_supported first");
+  raise_on_error(openvid::spatial_attention_forward(p, at::cuda::getCurrentCUDAStream().stream()),
+                 "spatial_attention_forward_kernel");
+}
+
+bool spatial_attention_forward_supported(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                         const at::Tensor& out, double softmax_scale) {
+  openvid::SpatialAttentionForwardParams p;
+  if (!spatial_params(q, k, v, out, softmax_scale, p).empty()) return false;
+  if (p.B * p.S * p.H == 0) return true;
+  const c10::cuda::CUDAGuard device_guard(q.device());
+  return openvid::spatial_attention_forward_supported(p);
+}
+
 int64_t adaln_backward_blocks_per_sm(int64_t C, at::ScalarType dtype, bool residual) {
   check_c(C);
   const int blocks = openvid::adaln_backward_blocks_per_sm(to_openvid_dtype(dtype), C, residual);
@@ -392,4 +507,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("dout"), pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("out"),
         pybind11::arg("lse"), pybind11::arg("dq"), pybind11::arg("dk"), pybind11::arg("dv"),
         pybind11::arg("softmax_scale"));
+  m.def("spatial_attention_forward", &spatial_attention_forward,
+        "spatial_attention_forward(q, k, v, out, lse, softmax_scale) -> None\n\n"
+        "Non-causal attention over S for every (b, h) (Hopper sm_90a kernel: wgmma, TMA, warp specialisation): "
+        "out = softmax(softmax_scale * q k^T) v, lse = logsumexp of the scaled scores (natural log).\n"
+        "q, k, v, out: fp16/bf16 [B, S, H, D] (stride(3) == 1, other strides positive multiples of 8 elements, "
+        "e.g. views of a packed [B, S, 3, H, D] qkv); D % 8 == 0, 8 <= D <= 128; softmax_scale >= 0; "
+        "lse: fp32 contiguous [B, H, S] (written). Raises if spatial_attention_forward_supported is false.",
+        pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("out"), pybind11::arg("lse"),
+        pybind11::arg("softmax_scale"));
+  m.def("spatial_attention_forward_supported", &spatial_attention_forward_supported,
+        "spatial_attention_forward_supported(q, k, v, out, softmax_scale=1.0) -> bool\n\n"
+        "True when spatial_attention_forward takes these tensors on their device (an sm_90 GPU with the 90a build, "
+        "dtypes, shapes, strides and alignment as documented there); False means: use another backend.",
+        pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("out"),
+        pybind11::arg("softmax_scale") = 1.0);
 }
