@@ -67,9 +67,11 @@ def _cuda_kernel(direction: str):
 def _cuda_problem(direction: str, tensors: dict[str, torch.Tensor]) -> str | None:
     """Why the CUDA kernel for a direction cannot take these tensors, or None."""
     problem = args.cuda_layout_problem(tensors)
+    if problem is None and len({t.shape for t in tensors.values()}) > 1:
+        problem = "its kernel needs q, k, v of one sequence length"
     supported = getattr(backends.cuda_extension, f"spatial_attention_{direction}_supported", None)
     if problem is None and supported is not None and not supported(*tensors.values()):
-        problem = "its kernel needs an sm_90 (Hopper) GPU and q, k, v of one sequence length"
+        problem = "its kernel needs an sm_90 (Hopper) GPU and tensor-map-compatible strides"
     return problem
 
 

@@ -69,6 +69,10 @@ def test_separate_qkv_of_different_lengths_match_reference(device, backend, dtyp
     factory = dict(device=device, dtype=dtype)
     q = torch.randn(2, query_tokens, 3, head_dim, **factory)
     k, v = (torch.randn(2, key_tokens, 3, head_dim, **factory) for _ in range(2))
+    if backend == "cuda" and sa._cuda_kernel("forward") is not None:
+        with pytest.raises(ValueError, match="one sequence length"):
+            ok.spatial_attention(q, k, v, backend=backend)
+        backend = "auto"  # the CUDA forward takes one length; auto runs Triton
     check_against_reference(
         lambda *t: ok.spatial_attention(*t, softmax_scale=0.3, backend=backend),
         lambda *t: sa.spatial_attention_reference(*t, softmax_scale=0.3),
@@ -164,7 +168,7 @@ def test_opcheck(device, backend, dtype):
     T, S, D = 2, 19, 24
     qkv = torch.randn(2, T * S, 3, 2, D, **factory, requires_grad=True)
     q = torch.randn(2, S, 2, D, **factory, requires_grad=True)
-    k, v = (torch.randn(2, 23, 2, D, **factory, requires_grad=True) for _ in range(2))
+    k, v = (torch.randn(2, S, 2, D, **factory, requires_grad=True) for _ in range(2))
     torch.library.opcheck(torch.ops.openvid.spatial_attention_packed_fwd.default, (qkv, T, 0.25, backend))
     torch.library.opcheck(torch.ops.openvid.spatial_attention_fwd.default, (q, k, v, 0.25, backend))
     # Backward ops have no autograd formula of their own (no double backward): check them on plain tensors.
