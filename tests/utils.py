@@ -34,3 +34,42 @@ KERNEL_CONFIGS = [
         for dtype in (torch.bfloat16, torch.float16, torch.float32)
     ],
 ]
+
+
+def leaves(*tensors):
+    return [t.detach().clone().requires_grad_() for t in tensors]
+
+
+def check_against_reference(op, reference, inputs, dtype, names):
+    """op(*inputs) and its gradients (for a random output gradient) against reference(*inputs in fp64)."""
+    kernel_inputs = leaves(*inputs)
+    out = op(*kernel_inputs)
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, kernel_inputs, grad_out)
+    ref_inputs = leaves(*(t.double() for t in inputs))
+    ref_out = reference(*ref_inputs)
+    ref_grads = torch.autograd.grad(ref_out, ref_inputs, grad_out.double())
+    assert out.dtype == dtype and out.is_contiguous()
+    assert_close_to_reference(out, ref_out, dtype, "output")
+    # A gradient that is exactly zero (dq and dk with one key) is measured against all gradients together.
+    scale = torch.cat([ref.flatten() for ref in ref_grads]).norm()
+    for name, grad, ref in zip(names, grads, ref_grads):
+        if ref.norm() > 1e-6 * scale:
+            assert_close_to_reference(grad, ref, dtype, f"grad of {name}")
+        else:
+            assert (grad.double() - ref).norm() <= TOLERANCE[dtype] * scale, f"grad of {name} should be zero"
+
+
+def check_compiled_block(block, inputs, names, static_args, backend, dtype):
+    """torch.compile(block, fullgraph=True)(*inputs, *static_args, backend) and the gradients of its sum against
+    the uncompiled block on the reference backend in fp64."""
+    compiled = torch.compile(block, fullgraph=True)
+    kernel_inputs = leaves(*inputs)
+    out = compiled(*kernel_inputs, *static_args, backend)
+    grads = torch.autograd.grad(out.sum(), kernel_inputs)
+    ref_inputs = leaves(*(t.double() for t in inputs))
+    ref_out = block(*ref_inputs, *static_args, "reference")
+    ref_grads = torch.autograd.grad(ref_out.sum(), ref_inputs)
+    assert_close_to_reference(out, ref_out, dtype, "compiled output")
+    for name, grad, ref in zip(names, grads, ref_grads):
+        assert_close_to_reference(grad, ref, dtype, f"compiled grad of {name}")

@@ -5,7 +5,7 @@ import torch
 
 import openvid_kernels as ok
 from openvid_kernels import adaln
-from tests.utils import KERNEL_CONFIGS, assert_close_to_reference
+from tests.utils import KERNEL_CONFIGS, assert_close_to_reference, leaves
 
 # (B, N, C, modulation form). Odd token counts, channels that are not powers of two, all broadcast forms.
 SHAPES = [
@@ -34,10 +34,6 @@ def make_modulation(kind: str, B: int, N: int, C: int, count: int, **factory):
 def skip_if_cuda_cannot_take(backend: str, C: int) -> None:
     if backend == "cuda" and C % 8:
         pytest.skip("the CUDA kernels take C % 8 == 0 (test_auto_prefers_cuda_extension_and_falls_back_to_triton)")
-
-
-def leaves(*tensors):
-    return [t.detach().clone().requires_grad_() for t in tensors]
 
 
 def run_with_grads(fn, inputs, grad_outputs):

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 import openvid_kernels as ok
 from openvid_kernels import spatial as sa
-from tests.utils import KERNEL_CONFIGS, TOLERANCE, assert_close_to_reference, relative_error
+from tests.utils import (KERNEL_CONFIGS, assert_close_to_reference, check_against_reference,
+                         check_compiled_block, relative_error)
 
 # The CUDA kernels take fp16/bf16 only (fp32 goes to Triton under "auto"; test_auto_choice_and_cuda_backend_limits).
 CONFIGS = [p for p in KERNEL_CONFIGS if p.id != "cuda-cuda-float32"]
@@ -15,29 +16,6 @@ FIRST_CPU_AND_GPU = KERNEL_CONFIGS[:1] + KERNEL_CONFIGS[2:3] + KERNEL_CONFIGS[5:
 HEAD_DIMS = [64, 72, 128]
 INTERPRETER_MAX_TOKENS = 40  # the CPU interpreter runs small sequences only
 SEQUENCE_LENGTHS = [1, 17, 40, 256, 1000, 1024, 4096]
-
-
-def leaves(*tensors):
-    return [t.detach().clone().requires_grad_() for t in tensors]
-
-
-def check_against_reference(op, reference, inputs, dtype, names):
-    kernel_inputs = leaves(*inputs)
-    out = op(*kernel_inputs)
-    grad_out = torch.randn_like(out)
-    grads = torch.autograd.grad(out, kernel_inputs, grad_out)
-    ref_inputs = leaves(*(t.double() for t in inputs))
-    ref_out = reference(*ref_inputs)
-    ref_grads = torch.autograd.grad(ref_out, ref_inputs, grad_out.double())
-    assert out.dtype == dtype and out.is_contiguous()
-    assert_close_to_reference(out, ref_out, dtype, "output")
-    # With one key dq and dk are exactly zero: measure them against the size of all gradients together.
-    scale = torch.cat([ref.flatten() for ref in ref_grads]).norm()
-    for name, grad, ref in zip(names, grads, ref_grads):
-        if ref.norm() > 1e-6 * scale:
-            assert_close_to_reference(grad, ref, dtype, f"grad of {name}")
-        else:
-            assert (grad.double() - ref).norm() <= TOLERANCE[dtype] * scale, f"grad of {name} should be zero"
 
 
 def skip_large_on_cpu(device, *lengths):
@@ -202,16 +180,8 @@ def test_torch_compile_fullgraph_forward_and_backward(device, backend, dtype, pa
     frames, tokens, heads, C = 2, 21, 2, 144  # head dim 72
     inputs = [torch.randn(2, frames * tokens, C, **factory), torch.randn(C, 3 * C, **factory) / C**0.5,
               torch.randn(C, C, **factory) / C**0.5]
-    compiled = torch.compile(spatial_block, fullgraph=True)
-    kernel_inputs = leaves(*inputs)
-    out = compiled(*kernel_inputs, frames, heads, packed, backend)
-    grads = torch.autograd.grad(out.sum(), kernel_inputs)
-    ref_inputs = leaves(*(t.double() for t in inputs))
-    ref_out = spatial_block(*ref_inputs, frames, heads, packed, "reference")
-    ref_grads = torch.autograd.grad(ref_out.sum(), ref_inputs)
-    assert_close_to_reference(out, ref_out, dtype, "compiled output")
-    for name, grad, ref in zip(("x", "weight_qkv", "weight_out"), grads, ref_grads):
-        assert_close_to_reference(grad, ref, dtype, f"compiled grad of {name}")
+    names = ("x", "weight_qkv", "weight_out")
+    check_compiled_block(spatial_block, inputs, names, (frames, heads, packed), backend, dtype)
 
 
 def test_reference_backend_and_cpu_default_are_attention_within_frames():

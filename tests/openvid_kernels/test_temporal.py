@@ -5,7 +5,8 @@ import torch
 
 import openvid_kernels as ok
 from openvid_kernels import temporal as ta
-from tests.utils import KERNEL_CONFIGS, TOLERANCE, assert_close_to_reference
+from tests.utils import (KERNEL_CONFIGS, assert_close_to_reference, check_against_reference,
+                         check_compiled_block)
 
 # The CUDA kernels take fp16/bf16 only (fp32 goes to Triton under "auto"; test_auto_choice_and_cuda_backend_limits).
 CONFIGS = [p for p in KERNEL_CONFIGS if p.id != "cuda-cuda-float32"]
@@ -14,29 +15,6 @@ FIRST_CPU_AND_GPU = KERNEL_CONFIGS[:1] + KERNEL_CONFIGS[2:3] + KERNEL_CONFIGS[5:
 FRAMES = [1, 3, 16, 17, 64]
 HEAD_DIMS = [64, 72, 128]
 B, H, S = 2, 3, 5  # S = 5: not a multiple of any block of positions
-
-
-def leaves(*tensors):
-    return [t.detach().clone().requires_grad_() for t in tensors]
-
-
-def check_against_reference(op, reference, inputs, dtype, names):
-    kernel_inputs = leaves(*inputs)
-    out = op(*kernel_inputs)
-    grad_out = torch.randn_like(out)
-    grads = torch.autograd.grad(out, kernel_inputs, grad_out)
-    ref_inputs = leaves(*(t.double() for t in inputs))
-    ref_out = reference(*ref_inputs)
-    ref_grads = torch.autograd.grad(ref_out, ref_inputs, grad_out.double())
-    assert out.dtype == dtype and out.is_contiguous()
-    assert_close_to_reference(out, ref_out, dtype, "output")
-    # With one frame dq and dk are exactly zero: measure them against the size of all gradients together.
-    scale = torch.cat([ref.flatten() for ref in ref_grads]).norm()
-    for name, grad, ref in zip(names, grads, ref_grads):
-        if ref.norm() > 1e-6 * scale:
-            assert_close_to_reference(grad, ref, dtype, f"grad of {name}")
-        else:
-            assert (grad.double() - ref).norm() <= TOLERANCE[dtype] * scale, f"grad of {name} should be zero"
 
 
 @pytest.mark.parametrize("device,backend,dtype", CONFIGS)
@@ -161,16 +139,8 @@ def test_torch_compile_fullgraph_forward_and_backward(device, backend, dtype, fr
     heads, C = 2, 144  # head dim 72
     inputs = [torch.randn(B, frames * S, C, **factory), torch.randn(C, 3 * C, **factory) / C**0.5,
               torch.randn(C, C, **factory) / C**0.5]
-    compiled = torch.compile(temporal_block, fullgraph=True)
-    kernel_inputs = leaves(*inputs)
-    out = compiled(*kernel_inputs, frames, heads, packed, backend)
-    grads = torch.autograd.grad(out.sum(), kernel_inputs)
-    ref_inputs = leaves(*(t.double() for t in inputs))
-    ref_out = temporal_block(*ref_inputs, frames, heads, packed, "reference")
-    ref_grads = torch.autograd.grad(ref_out.sum(), ref_inputs)
-    assert_close_to_reference(out, ref_out, dtype, "compiled output")
-    for name, grad, ref in zip(("x", "weight_qkv", "weight_out"), grads, ref_grads):
-        assert_close_to_reference(grad, ref, dtype, f"compiled grad of {name}")
+    names = ("x", "weight_qkv", "weight_out")
+    check_compiled_block(temporal_block, inputs, names, (frames, heads, packed), backend, dtype)
 
 
 def test_reference_backend_and_cpu_default_are_sdpa_over_frames():
