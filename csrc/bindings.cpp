@@ -12,7 +12,6 @@
 #include <cmath>
 #include <cstdint>
 #include <optional>
-#include <sstream>
 #include <string>
 #include <utility>
 
@@ -348,41 +347,48 @@ void temporal_attention_backward(const at::Tensor& dout, const at::Tensor& q, co
 
 // ---- spatial attention ----------------------------------------------------------------------------------
 
-// A [B, S, H, D] tensor of the element dtype: shape, contiguous head dim, 16-byte aligned data, strides of
-// dimensions with more than one index positive multiples of 8 elements (e.g. views of a packed [B, S, 3, H, D]).
-// Returns an error message, or an empty string when the tensor is fine.
-std::string spatial_tensor_problem(const at::Tensor& t, const char* name, const at::Device& device,
-                                   at::ScalarType dtype, int64_t B, int64_t S, int64_t H, int64_t D) {
-  std::ostringstream msg;
-  msg << "openvid spatial_attention: " << name << " ";
-  if (!t.is_cuda() || t.device() != device) {
-    msg << "must be a CUDA tensor on " << device << ", got one on " << t.device();
-  } else if (t.scalar_type() != dtype) {
-    msg << "must have dtype " << dtype << ", got " << t.scalar_type();
-  } else if (t.dim() != 4 || t.size(0) != B || t.size(1) != S || t.size(2) != H || t.size(3) != D) {
-    msg << "must have shape [B, S, H, D] = [" << B << ", " << S << ", " << H << ", " << D << "], got " << t.sizes();
-  } else if (t.numel() == 0) {
-    return {};
-  } else if (t.stride(3) != 1) {
-    msg << "must have a contiguous head dim (stride(3) == 1), got strides " << t.strides();
-  } else if (!aligned16(t)) {
-    msg << "data pointer must be 16-byte aligned";
-  } else {
-    for (int d = 0; d < 3; ++d) {
-      if (t.size(d) > 1 && (t.stride(d) <= 0 || t.stride(d) % 8 != 0)) {
-        msg << "strides must be positive multiples of 8 elements, got " << t.strides();
-        return msg.str();
-      }
-    }
-    return {};
-  }
-  return msg.str();
+// The messages of this section are assembled from strings and std::to_string, without iostreams (c10::str and
+// std::ostringstream): on the device machine, building such a message with numbers in it through an ostream
+// crashed the process (a segfault instead of the error; .device/text/NOTES.md).
+std::string list_str(c10::IntArrayRef a) {
+  std::string s = "[";
+  for (size_t i = 0; i < a.size(); ++i) s += (i > 0 ? ", " : "") + std::to_string(a[i]);
+  return s + "]";
 }
 
-std::string toString(c10::IntArrayRef a) {
-  std::ostringstream o;
-  o << a;
-  return o.str();
+// The problem with a tensor's device (a CUDA tensor on `device`), or an empty string.
+std::string spatial_device_problem(const at::Tensor& t, const char* name, const at::Device& device) {
+  if (t.is_cuda() && t.device() == device) return {};
+  return std::string("openvid spatial_attention: ") + name + " must be a CUDA tensor on " + device.str() +
+         " (the device of q), got one on " + t.device().str();
+}
+
+// A [B, S, H, D] tensor of the element dtype (`dims` spells the expected shape, e.g. "[B, Sk, H, D]"): shape,
+// contiguous head dim, 16-byte aligned data, strides of dimensions with more than one index positive multiples
+// of 8 elements (e.g. views of a packed [B, S, 3, H, D]). Returns an error message, or an empty string when the
+// tensor is fine.
+std::string spatial_tensor_problem(const at::Tensor& t, const char* name, const char* dims, const at::Device& device,
+                                   at::ScalarType dtype, int64_t B, int64_t S, int64_t H, int64_t D) {
+  std::string problem = spatial_device_problem(t, name, device);
+  if (!problem.empty()) return problem;
+  const std::string prefix = std::string("openvid spatial_attention: ") + name + " ";
+  if (t.scalar_type() != dtype) {
+    return prefix + "must have the dtype of q, " + c10::toString(dtype) + ", got " + c10::toString(t.scalar_type());
+  }
+  if (t.dim() != 4 || t.size(0) != B || t.size(1) != S || t.size(2) != H || t.size(3) != D) {
+    return prefix + "must have shape " + dims + " = " + list_str({B, S, H, D}) + ", got " + list_str(t.sizes());
+  }
+  if (t.numel() == 0) return {};
+  if (t.stride(3) != 1) {
+    return prefix + "must have a contiguous head dim (stride(3) == 1), got strides " + list_str(t.strides());
+  }
+  if (!aligned16(t)) return prefix + "data pointer must be 16-byte aligned";
+  for (int d = 0; d < 3; ++d) {
+    if (t.size(d) > 1 && (t.stride(d) <= 0 || t.stride(d) % 8 != 0)) {
+      return prefix + "strides must be positive multiples of 8 elements, got " + list_str(t.strides());
+    }
+  }
+  return {};
 }
 
 template <typename P>
@@ -390,32 +396,94 @@ openvid::Strided4D<P> seq_of(const at::Tensor& t) {
   return openvid::Strided4D<P>{static_cast<P>(t.data_ptr()), t.stride(0), t.stride(1), t.stride(2)};
 }
 
-// Parameters for q, k, v, out after the shape/layout checks (problems are returned, not thrown).
+// text_lens: int32 [B], contiguous, on the device of q. Returns an error message, or an empty string.
+std::string text_lens_problem(const at::Tensor& lens, const at::Device& device, int64_t B) {
+  std::string problem = spatial_device_problem(lens, "text_lens", device);
+  if (!problem.empty()) return problem;
+  const std::string prefix = "openvid spatial_attention: text_lens ";
+  if (lens.scalar_type() != at::kInt) return prefix + "must have dtype int32, got " + c10::toString(lens.scalar_type());
+  if (lens.dim() != 1 || lens.size(0) != B) {
+    return prefix + "must have shape [B] = " + list_str({B}) + ", got " + list_str(lens.sizes());
+  }
+  if (B > 1 && lens.stride(0) != 1) return prefix + "must be contiguous, got strides " + list_str(lens.strides());
+  return {};
+}
+
+// lse: fp32 [B, H, Sq] with unit stride over the queries. Returns an error message, or an empty string.
+std::string lse_problem(const at::Tensor& lse, const at::Device& device, int64_t B, int64_t H, int64_t Sq) {
+  std::string problem = spatial_device_problem(lse, "lse", device);
+  if (!problem.empty()) return problem;
+  const std::string prefix = "openvid spatial_attention: lse ";
+  if (lse.scalar_type() != at::kFloat) return prefix + "must be float32, got " + c10::toString(lse.scalar_type());
+  if (lse.dim() != 3 || lse.size(0) != B || lse.size(1) != H || lse.size(2) != Sq) {
+    return prefix + "must have shape [B, H, Sq] = " + list_str({B, H, Sq}) + ", got " + list_str(lse.sizes());
+  }
+  if (Sq > 1 && lse.stride(2) != 1) {
+    return prefix + "must have unit stride over the queries (stride(2) == 1; e.g. lse_full[:, :, :Sq] of a "
+           "[B, H, Sq + L] buffer), got strides " + list_str(lse.strides());
+  }
+  return {};
+}
+
+// Parameters for q, k, v, out and the optional text keys after the shape/layout checks (problems are returned,
+// not thrown). q and out are [B, Sq, H, D], k and v [B, Sk, H, D] (Sk may differ from Sq, and may be 0), k_text
+// and v_text [B, L, H, D] with text_lens int32 [B] (all three given or none).
 std::string spatial_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-                           double softmax_scale, openvid::SpatialAttentionForwardParams& p) {
-  if (q.dim() != 4) return "openvid spatial_attention: q must be 4-D [B, S, H, D], got sizes " + toString(q.sizes());
-  const int64_t B = q.size(0), S = q.size(1), H = q.size(2), D = q.size(3);
+                           double softmax_scale, const OptTensor& k_text, const OptTensor& v_text,
+                           const OptTensor& text_lens, openvid::SpatialAttentionForwardParams& p) {
+  const std::string op = "openvid spatial_attention: ";
+  if (q.dim() != 4) return op + "q must be 4-D [B, Sq, H, D], got sizes " + list_str(q.sizes());
+  if (k.dim() != 4) return op + "k must be 4-D [B, Sk, H, D], got sizes " + list_str(k.sizes());
+  const int64_t B = q.size(0), Sq = q.size(1), H = q.size(2), D = q.size(3), Sk = k.size(1);
   if (D < 8 || D > openvid::kSpatialAttentionMaxD || D % 8 != 0) {
-    return "openvid spatial_attention: D (q.size(3)) must be a multiple of 8 in [8, " +
-           std::to_string(openvid::kSpatialAttentionMaxD) + "], got " + std::to_string(D);
+    return op + "D (q.size(3)) must be a multiple of 8 in [8, " + std::to_string(openvid::kSpatialAttentionMaxD) +
+           "], got " + std::to_string(D);
   }
   if (!std::isfinite(softmax_scale) || softmax_scale < 0.0) {
-    return "openvid spatial_attention: softmax_scale must be finite and >= 0, got " + std::to_string(softmax_scale);
+    return op + "softmax_scale must be finite and >= 0, got " + std::to_string(softmax_scale);
   }
   const at::ScalarType dtype = q.scalar_type();
   if (dtype != at::kHalf && dtype != at::kBFloat16) {
-    return std::string("openvid spatial_attention: unsupported dtype ") + c10::toString(dtype) +
-           " (float16 and bfloat16 only)";
+    return op + "unsupported dtype " + c10::toString(dtype) + " for q (float16 and bfloat16 only)";
   }
   const at::Device device = q.device();
-  const std::pair<const at::Tensor*, const char*> tensors[] = {{&q, "q"}, {&k, "k"}, {&v, "v"}, {&out, "out"}};
-  for (const auto& [t, name] : tensors) {
-    std::string problem = spatial_tensor_problem(*t, name, device, dtype, B, S, H, D);
+  struct Expected {
+    const at::Tensor* t;
+    const char* name;
+    const char* dims;
+    int64_t rows;
+  };
+  const Expected tensors[] = {{&q, "q", "[B, Sq, H, D]", Sq},
+                              {&k, "k", "[B, Sk, H, D]", Sk},
+                              {&v, "v", "[B, Sk, H, D]", Sk},
+                              {&out, "out", "[B, Sq, H, D]", Sq}};
+  for (const Expected& e : tensors) {
+    std::string problem = spatial_tensor_problem(*e.t, e.name, e.dims, device, dtype, B, e.rows, H, D);
+    if (!problem.empty()) return problem;
+  }
+  const int given = k_text.has_value() + v_text.has_value() + text_lens.has_value();
+  if (given != 0 && given != 3) {
+    return op + "k_text, v_text and text_lens must be given together or not at all, got k_text " +
+           (k_text ? "given" : "None") + ", v_text " + (v_text ? "given" : "None") + ", text_lens " +
+           (text_lens ? "given" : "None");
+  }
+  int64_t L = 0;
+  if (given == 3) {
+    if (k_text->dim() != 4) return op + "k_text must be 4-D [B, L, H, D], got sizes " + list_str(k_text->sizes());
+    L = k_text->size(1);
+    const Expected text[] = {{&*k_text, "k_text", "[B, L, H, D]", L},
+                             {&*v_text, "v_text", "[B, L, H, D]", L}};
+    for (const Expected& e : text) {
+      std::string problem = spatial_tensor_problem(*e.t, e.name, e.dims, device, dtype, B, e.rows, H, D);
+      if (!problem.empty()) return problem;
+    }
+    std::string problem = text_lens_problem(*text_lens, device, B);
     if (!problem.empty()) return problem;
   }
   p.dtype = dtype == at::kHalf ? openvid::DType::kFloat16 : openvid::DType::kBFloat16;
   p.B = B;
-  p.S = S;
+  p.Sq = Sq;
+  p.Sk = Sk;
   p.H = H;
   p.D = D;
   p.softmax_scale = static_cast<float>(softmax_scale);
@@ -423,22 +491,27 @@ std::string spatial_params(const at::Tensor& q, const at::Tensor& k, const at::T
   p.k = seq_of<const void*>(k);
   p.v = seq_of<const void*>(v);
   p.out = seq_of<void*>(out);
+  if (given == 3) {
+    p.L = L;
+    p.k_text = seq_of<const void*>(*k_text);
+    p.v_text = seq_of<const void*>(*v_text);
+    p.text_lens = text_lens->data_ptr<int32_t>();
+  }
   return {};
 }
 
 void spatial_attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-                               const at::Tensor& lse, double softmax_scale) {
+                               const at::Tensor& lse, double softmax_scale, const OptTensor& k_text,
+                               const OptTensor& v_text, const OptTensor& text_lens) {
   openvid::SpatialAttentionForwardParams p;
-  const std::string problem = spatial_params(q, k, v, out, softmax_scale, p);
+  const std::string problem = spatial_params(q, k, v, out, softmax_scale, k_text, v_text, text_lens, p);
   TORCH_CHECK(problem.empty(), problem);
-  check_device(lse, "lse", q.device(), "spatial_attention");
-  TORCH_CHECK(lse.scalar_type() == at::kFloat, "openvid spatial_attention: lse must be float32, got ",
-              lse.scalar_type());
-  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == p.B && lse.size(1) == p.H && lse.size(2) == p.S && lse.is_contiguous(),
-              "openvid spatial_attention: lse must be a contiguous [B, H, S] = [", p.B, ", ", p.H, ", ", p.S,
-              "] tensor, got sizes ", lse.sizes(), " strides ", lse.strides());
-  if (p.B * p.S * p.H == 0) return;
+  const std::string lse_msg = lse_problem(lse, q.device(), p.B, p.H, p.Sq);
+  TORCH_CHECK(lse_msg.empty(), lse_msg);
+  if (p.B * p.Sq * p.H == 0) return;
   p.lse = lse.data_ptr<float>();
+  p.lse_stride_b = lse.stride(0);
+  p.lse_stride_h = lse.stride(1);
   const c10::cuda::CUDAGuard device_guard(q.device());
   TORCH_CHECK(openvid::spatial_attention_forward_supported(p),
               "openvid spatial_attention: this call is not supported by the CUDA kernel (needs an sm_90 GPU, a build "
@@ -449,10 +522,11 @@ void spatial_attention_forward(const at::Tensor& q, const at::Tensor& k, const a
 }
 
 bool spatial_attention_forward_supported(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                         const at::Tensor& out, double softmax_scale) {
+                                         const at::Tensor& out, double softmax_scale, const OptTensor& k_text,
+                                         const OptTensor& v_text, const OptTensor& text_lens) {
   openvid::SpatialAttentionForwardParams p;
-  if (!spatial_params(q, k, v, out, softmax_scale, p).empty()) return false;
-  if (p.B * p.S * p.H == 0) return true;
+  if (!spatial_params(q, k, v, out, softmax_scale, k_text, v_text, text_lens, p).empty()) return false;
+  if (p.B * p.Sq * p.H == 0) return true;
   const c10::cuda::CUDAGuard device_guard(q.device());
   return openvid::spatial_attention_forward_supported(p);
 }
@@ -508,18 +582,29 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("lse"), pybind11::arg("dq"), pybind11::arg("dk"), pybind11::arg("dv"),
         pybind11::arg("softmax_scale"));
   m.def("spatial_attention_forward", &spatial_attention_forward,
-        "spatial_attention_forward(q, k, v, out, lse, softmax_scale) -> None\n\n"
-        "Non-causal attention over S for every (b, h) (Hopper sm_90a kernel: wgmma, TMA, warp specialisation): "
-        "out = softmax(softmax_scale * q k^T) v, lse = logsumexp of the scaled scores (natural log).\n"
-        "q, k, v, out: fp16/bf16 [B, S, H, D] (stride(3) == 1, other strides positive multiples of 8 elements, "
-        "e.g. views of a packed [B, S, 3, H, D] qkv); D % 8 == 0, 8 <= D <= 128; softmax_scale >= 0; "
-        "lse: fp32 contiguous [B, H, S] (written). Raises if spatial_attention_forward_supported is false.",
+        "spatial_attention_forward(q, k, v, out, lse, softmax_scale, k_text=None, v_text=None, text_lens=None) "
+        "-> None\n\n"
+        "Non-causal attention for every (b, h) (Hopper sm_90a kernel: wgmma, TMA, warp specialisation): "
+        "out = softmax(softmax_scale * q keys^T) values, lse = logsumexp of the scaled scores (natural log). The "
+        "keys of (b, h) are k[b, :, h] followed by the first text_lens[b] rows of k_text[b, :, h] (values: v, "
+        "v_text); text rows at or past text_lens[b] are never read (lengths read on the device, clamped to "
+        "[0, L]). A query row without keys gets out = 0, lse = -inf.\n"
+        "q, out: fp16/bf16 [B, Sq, H, D]; k, v: [B, Sk, H, D] (Sk may differ from Sq, and may be 0); "
+        "k_text, v_text: [B, L, H, D]; all with stride(3) == 1 and other strides positive multiples of 8 elements "
+        "(e.g. views of a packed [B, S, 3, H, D] qkv); D % 8 == 0, 8 <= D <= 128; softmax_scale >= 0; "
+        "text_lens: int32 [B] contiguous (k_text, v_text, text_lens all given or all None); "
+        "lse: fp32 [B, H, Sq] with stride(2) == 1 (written; e.g. lse_full[:, :, :Sq]). "
+        "Raises if spatial_attention_forward_supported is false.",
         pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("out"), pybind11::arg("lse"),
-        pybind11::arg("softmax_scale"));
+        pybind11::arg("softmax_scale"), pybind11::arg("k_text") = pybind11::none(),
+        pybind11::arg("v_text") = pybind11::none(), pybind11::arg("text_lens") = pybind11::none());
   m.def("spatial_attention_forward_supported", &spatial_attention_forward_supported,
-        "spatial_attention_forward_supported(q, k, v, out, softmax_scale=1.0) -> bool\n\n"
+        "spatial_attention_forward_supported(q, k, v, out, softmax_scale=1.0, k_text=None, v_text=None, "
+        "text_lens=None) -> bool\n\n"
         "True when spatial_attention_forward takes these tensors on their device (an sm_90 GPU with the 90a build, "
-        "dtypes, shapes, strides and alignment as documented there); False means: use another backend.",
+        "dtypes, shapes, strides and alignment as documented there; text_lens is not read); False means: use "
+        "another backend.",
         pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("out"),
-        pybind11::arg("softmax_scale") = 1.0);
+        pybind11::arg("softmax_scale") = 1.0, pybind11::arg("k_text") = pybind11::none(),
+        pybind11::arg("v_text") = pybind11::none(), pybind11::arg("text_lens") = pybind11::none());
 }

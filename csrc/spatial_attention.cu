@@ -23,9 +23,18 @@
 //     warpgroup, Q K_{j+1}^T is issued before P_j V_j and the softmax of tile j+1 runs while P_j V_j is in the
 //     tensor cores; with two consumer warpgroups, named barriers make their product issues alternate
 //     (ping-pong), so one warpgroup's softmax overlaps the other's products.
-//   * Keys past S (last key tile) are masked to -inf; query rows past S are computed on zeros and not stored.
+//   * Keys: the key tiles of a (b, h) are the video tiles of k/v (rows past Sk in the last one are zero-filled by
+//     the copy and masked to -inf), then the text tiles of k_text/v_text up to len_b = text_lens[b] (a second set
+//     of tensor maps; the producer picks the maps per key tile). The number of key tiles varies with b, so both
+//     sides of the pipeline count it per query tile from text_lens; text tiles past len_b are never loaded. The
+//     last text tile is loaded ENDING at row len_b (starting at len_b - kBlockN, which may be negative: the copy
+//     zero-fills rows before 0), so no row at or past len_b ever reaches shared memory (those rows may hold
+//     NaN/Inf, and a NaN V row would poison O even with P = 0); its rows that the previous text tile already
+//     covered are masked to -inf instead. A query tile with no key tile loads nothing and writes out = 0,
+//     lse = -inf.
+//   * Query rows past Sq are computed on zeros and not stored.
 //   * Epilogue: O / rowsum rounded to the element type, staged in shared memory (rows padded by 16 bytes), then
-//     written with 16-byte stores (columns < D, rows < S); lse = scale * max + log(sum).
+//     written with 16-byte stores (columns < D, rows < Sq); lse = scale * max + log(sum) (-inf without keys).
 #include "spatial_attention.cuh"
 
 #include <cuda_runtime.h>
@@ -150,7 +159,9 @@ struct FwdArgs {
   void* out;
   int64_t out_sb, out_ss, out_sh;
   float* lse;
-  int S, H, D;
+  int64_t lse_sb, lse_sh;
+  const int32_t* text_lens;  // null: no text keys
+  int Sq, Sk, L, H, D;
   int m_blocks;      // query tiles per (b, h)
   int total_tiles;   // m_blocks * H * B
   float scale;       // softmax_scale
@@ -219,8 +230,10 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
 // Online softmax on one S tile held in the wgmma accumulator layout: value i = i0 + 2*half + 4*nb is row
 // (lane/4 + 8*half) of the warp's 16 rows, column 8*nb + 2*(lane%4) + i0. m: running raw max, l: this thread's
 // partial running sum (summed over the quad at the end), corr: factor for O. Scores become probabilities.
+// With kMask, only the columns in [lo, hi) are keys; the others are set to -inf (overwriting whatever the
+// product gave, so zero-filled rows never count).
 template <bool kFirst, bool kMask, int kN, class TS>
-__device__ __forceinline__ void online_softmax(TS& s, float (&m)[2], float (&l)[2], float (&corr)[2], int valid,
+__device__ __forceinline__ void online_softmax(TS& s, float (&m)[2], float (&l)[2], float (&corr)[2], int lo, int hi,
                                                float scale_log2) {
   const int lane = threadIdx.x % 32;
   if constexpr (kMask) {
@@ -229,7 +242,7 @@ __device__ __forceinline__ void online_softmax(TS& s, float (&m)[2], float (&l)[
       CUTE_UNROLL
       for (int i0 = 0; i0 < 2; ++i0) {
         const int col = nb * 8 + 2 * (lane % 4) + i0;
-        if (col >= valid) {
+        if (col < lo || col >= hi) {
           s(i0 + 4 * nb) = -INFINITY;
           s(i0 + 2 + 4 * nb) = -INFINITY;
         }
@@ -263,9 +276,33 @@ __device__ __forceinline__ void online_softmax(TS& s, float (&m)[2], float (&l)[
   }
 }
 
-// The six tensor maps: q, k, v main parts (64-column boxes) and tails (kDb-column boxes).
+// The tensor maps: q, k, v, k_text, v_text main parts (64-column boxes) and tails (kDb-column boxes). Maps of
+// tensors that the call does not use (k, v when Sk == 0; text without text_lens) stay zeroed and are never touched.
 struct FwdMaps {
   CUtensorMap q_a, k_a, v_a, q_b, k_b, v_b;
+  CUtensorMap kt_a, vt_a, kt_b, vt_b;
+};
+
+// The key tiles of one (b, h) and where each comes from: key tiles j < n_vid are video rows [j * kBlockN, ...) of
+// k/v (rows past Sk zero-filled by the copy), the rest text rows of k_text/v_text, the last of them ending at
+// row len (see the notes at the top). Only the columns [lo(j), hi(j)) of key tile j are new keys.
+template <int kBlockN>
+struct KeyTiles {
+  int Sk, n_vid, len, n;
+  __device__ __forceinline__ KeyTiles(const FwdArgs& a, int b) {
+    Sk = a.Sk;
+    n_vid = (a.Sk + kBlockN - 1) / kBlockN;
+    len = a.text_lens != nullptr ? min(max(__ldg(a.text_lens + b), 0), a.L) : 0;
+    n = n_vid + (len + kBlockN - 1) / kBlockN;
+  }
+  __device__ __forceinline__ bool text(int j) const { return j >= n_vid; }
+  // First row of key tile j in its tensor (negative for a short last text tile: rows before 0 are zero-filled).
+  __device__ __forceinline__ int row(int j) const {
+    return j < n_vid ? j * kBlockN : min((j - n_vid) * kBlockN, len - kBlockN);
+  }
+  __device__ __forceinline__ int lo(int j) const { return j < n_vid ? 0 : (j - n_vid) * kBlockN - row(j); }
+  __device__ __forceinline__ int hi(int j) const { return j < n_vid ? min(kBlockN, Sk - j * kBlockN) : kBlockN; }
+  __device__ __forceinline__ bool masked(int j) const { return lo(j) > 0 || hi(j) < kBlockN; }
 };
 
 template <class Cfg>
@@ -283,8 +320,6 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
 
   const int tid = threadIdx.x;
   const int wg = tid / 128;
-  const int S = args.S;
-  const int n_blocks = (S + kBlockN - 1) / kBlockN;
   // Persistent blocks: tile t = (b * H + h) * m_blocks + m_block, taken round-robin (consecutive blocks share
   // the K/V of one head in L2).
   auto decode = [&](int t, int& m_block, int& h, int& b) {
@@ -312,47 +347,65 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
     // ---------------- producer ----------------
     cutlass::arch::warpgroup_reg_dealloc<Cfg::kProducerRegs>();
     if (tid == 0) {
-      prefetch_tmap(&maps.q_a);
-      prefetch_tmap(&maps.k_a);
-      prefetch_tmap(&maps.v_a);
-      if constexpr (kDb > 0) {
-        prefetch_tmap(&maps.q_b);
-        prefetch_tmap(&maps.k_b);
-        prefetch_tmap(&maps.v_b);
-      }
+      const bool has_vid = args.Sk > 0, has_text = args.text_lens != nullptr;
+      // Only the maps this call encoded (the others are zeroed).
+      auto prefetch_part = [&](const CUtensorMap& q, const CUtensorMap& k, const CUtensorMap& v, const CUtensorMap& kt,
+                               const CUtensorMap& vt) {
+        prefetch_tmap(&q);
+        if (has_vid) {
+          prefetch_tmap(&k);
+          prefetch_tmap(&v);
+        }
+        if (has_text) {
+          prefetch_tmap(&kt);
+          prefetch_tmap(&vt);
+        }
+      };
+      prefetch_part(maps.q_a, maps.k_a, maps.v_a, maps.kt_a, maps.vt_a);
+      if constexpr (kDb > 0) prefetch_part(maps.q_b, maps.k_b, maps.v_b, maps.kt_b, maps.vt_b);
       constexpr uint32_t kQBytes = kBlockM * kD * sizeof(Elem);
-      constexpr uint32_t kKVBytes = kBlockN * kD * sizeof(Elem);
-      int it = 0;  // key tiles loaded so far (pipeline position)
-      int tile_iter = 0;
-      for (int t = blockIdx.x; t < args.total_tiles; t += gridDim.x, ++tile_iter) {
+      constexpr uint32_t kKVBytes = kBlockN * kD * sizeof(Elem);  // zero-filled rows count too
+      int it = 0;      // key tiles loaded so far (pipeline position)
+      int q_iter = 0;  // Q tiles loaded so far (query tiles with at least one key tile)
+      for (int t = blockIdx.x; t < args.total_tiles; t += gridDim.x) {
         int m_block, h, b;
         decode(t, m_block, h, b);
+        const KeyTiles<kBlockN> kt(args, b);
+        if (kt.n == 0) continue;  // no keys: the consumers write the tile without Q
         const int m0 = m_block * kBlockM;
-        if (tile_iter > 0) mbar_wait(&sm.empty_q, (tile_iter - 1) & 1);  // previous tile's Q K^T all done
+        if (q_iter > 0) mbar_wait(&sm.empty_q, (q_iter - 1) & 1);  // previous tile's Q K^T all done
+        ++q_iter;
         mbar_arrive_expect_tx(&sm.bar_q, kQBytes);
         CUTE_UNROLL
         for (int i = 0; i < Cfg::kMainBoxes; ++i) {
           tma_load_4d(sm.q_a + i * kBlockM * 64, &maps.q_a, &sm.bar_q, i * 64, h, m0, b);
         }
         if constexpr (kDb > 0) tma_load_4d(sm.q_b, &maps.q_b, &sm.bar_q, kDa, h, m0, b);
-        for (int j = 0; j < n_blocks; ++j, ++it) {
+        for (int j = 0; j < kt.n; ++j, ++it) {
           const int s = it % kStages;
           const uint32_t ph = (it / kStages) & 1;
-          const int n0 = j * kBlockN;
+          const int n0 = kt.row(j);
+          const bool text = kt.text(j);
+          const CUtensorMap* k_a = text ? &maps.kt_a : &maps.k_a;
+          const CUtensorMap* v_a = text ? &maps.vt_a : &maps.v_a;
           mbar_wait(&sm.empty_k[s], ph ^ 1);
           mbar_arrive_expect_tx(&sm.full_k[s], kKVBytes);
           CUTE_UNROLL
           for (int i = 0; i < Cfg::kMainBoxes; ++i) {
-            tma_load_4d(sm.k_a + (s * kDa + i * 64) * kBlockN, &maps.k_a, &sm.full_k[s], i * 64, h, n0, b);
+            tma_load_4d(sm.k_a + (s * kDa + i * 64) * kBlockN, k_a, &sm.full_k[s], i * 64, h, n0, b);
           }
-          if constexpr (kDb > 0) tma_load_4d(sm.k_b + s * kDb * kBlockN, &maps.k_b, &sm.full_k[s], kDa, h, n0, b);
+          if constexpr (kDb > 0) {
+            tma_load_4d(sm.k_b + s * kDb * kBlockN, text ? &maps.kt_b : &maps.k_b, &sm.full_k[s], kDa, h, n0, b);
+          }
           mbar_wait(&sm.empty_v[s], ph ^ 1);
           mbar_arrive_expect_tx(&sm.full_v[s], kKVBytes);
           CUTE_UNROLL
           for (int i = 0; i < Cfg::kMainBoxes; ++i) {
-            tma_load_4d(sm.v_a + (s * kDa + i * 64) * kBlockN, &maps.v_a, &sm.full_v[s], i * 64, h, n0, b);
+            tma_load_4d(sm.v_a + (s * kDa + i * 64) * kBlockN, v_a, &sm.full_v[s], i * 64, h, n0, b);
           }
-          if constexpr (kDb > 0) tma_load_4d(sm.v_b + s * kDb * kBlockN, &maps.v_b, &sm.full_v[s], kDa, h, n0, b);
+          if constexpr (kDb > 0) {
+            tma_load_4d(sm.v_b + s * kDb * kBlockN, text ? &maps.vt_b : &maps.v_b, &sm.full_v[s], kDa, h, n0, b);
+          }
         }
         if constexpr (!Cfg::kPersistent) break;
       }
@@ -450,79 +503,86 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
     mma_ob.accumulate_ = GMMA::ScaleOut::One;
     const float sl2 = args.scale_log2;
 
-    int tile_iter = 0;
-    for (int t = blockIdx.x; t < args.total_tiles; t += gridDim.x, ++tile_iter) {
-      const int it = tile_iter * n_blocks;  // key tiles consumed before this tile (pipeline position)
+    int it = 0;      // key tiles consumed so far (pipeline position)
+    int q_iter = 0;  // Q tiles consumed so far
+    for (int t = blockIdx.x; t < args.total_tiles; t += gridDim.x) {
+      int m_block, h, b;
+      decode(t, m_block, h, b);
+      const KeyTiles<kBlockN> kt(args, b);
+      const int n = kt.n;
       CUTE_UNROLL
       for (int i = 0; i < size(tOrOa); ++i) tOrOa(i) = 0.0f;
       CUTE_UNROLL
       for (int i = 0; i < size(tOrOb); ++i) tOrOb(i) = 0.0f;
-      float m[2], l[2], corr[2] = {1.0f, 1.0f};
+      // l = 0 stays for a tile without keys (n == 0): out = 0, lse = -inf below.
+      float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}, corr[2] = {1.0f, 1.0f};
 
-      if constexpr (Cfg::kPingPong) {
-        if (cwg == 1) named_bar_arrive(1, 256);  // warpgroup 0 goes first
-      }
-
-      mbar_wait(&sm.bar_q, tile_iter & 1);
-      // Key tile 0.
-      {
-        const int s = it % kStages;
-        const uint32_t ph = (it / kStages) & 1;
-        mbar_wait(&sm.full_k[s], ph);
-        pp_sync();
-        gemm_s(s);
-        pp_arrive();
-        warpgroup_wait<0>();
-        release(&sm.empty_k[s]);
-        if (n_blocks == 1) release(&sm.empty_q);
-        if (n_blocks == 1 && S % kBlockN != 0) {
-          online_softmax<true, true, kBlockN>(tSrS, m, l, corr, S, sl2);
-        } else {
-          online_softmax<true, false, kBlockN>(tSrS, m, l, corr, kBlockN, sl2);
+      if (n > 0) {
+        if constexpr (Cfg::kPingPong) {
+          if (cwg == 1) named_bar_arrive(1, 256);  // warpgroup 0 goes first
         }
-        convert_p();
-      }
-      for (int j = 1; j < n_blocks; ++j) {
-        const int s = (it + j) % kStages;
-        const uint32_t ph = ((it + j) / kStages) & 1;
-        const int sp = (it + j - 1) % kStages;
-        const uint32_t php = ((it + j - 1) / kStages) & 1;
-        mbar_wait(&sm.full_k[s], ph);
-        pp_sync();
-        gemm_s(s);
-        rescale_o(corr);
-        mbar_wait(&sm.full_v[sp], php);
-        gemm_o(sp);
-        pp_arrive();
-        warpgroup_wait<1>();
-        release(&sm.empty_k[s]);
-        if (j == n_blocks - 1) release(&sm.empty_q);  // last Q K^T of this tile is done: Q may be reloaded
-        const int valid = S - j * kBlockN;
-        if (valid < kBlockN) {
-          online_softmax<false, true, kBlockN>(tSrS, m, l, corr, valid, sl2);
-        } else {
-          online_softmax<false, false, kBlockN>(tSrS, m, l, corr, kBlockN, sl2);
-        }
-        warpgroup_wait<0>();
-        release(&sm.empty_v[sp]);
-        convert_p();
-      }
-      // Last P V.
-      {
-        const int sp = (it + n_blocks - 1) % kStages;
-        const uint32_t php = ((it + n_blocks - 1) / kStages) & 1;
-        rescale_o(corr);
-        mbar_wait(&sm.full_v[sp], php);
-        pp_sync();
-        gemm_o(sp);
-        if (cwg == 0) pp_arrive();  // warpgroup 1's last turn has no matching wait
-        warpgroup_wait<0>();
-        release(&sm.empty_v[sp]);
-      }
-      int m_block, h, b;
-      decode(t, m_block, h, b);
 
-      // Finalize: normalise, lse, stage O in shared memory, coalesced 16-byte stores.
+        mbar_wait(&sm.bar_q, q_iter & 1);
+        ++q_iter;
+        // Key tile 0.
+        {
+          const int s = it % kStages;
+          const uint32_t ph = (it / kStages) & 1;
+          mbar_wait(&sm.full_k[s], ph);
+          pp_sync();
+          gemm_s(s);
+          pp_arrive();
+          warpgroup_wait<0>();
+          release(&sm.empty_k[s]);
+          if (n == 1) release(&sm.empty_q);
+          if (kt.masked(0)) {
+            online_softmax<true, true, kBlockN>(tSrS, m, l, corr, kt.lo(0), kt.hi(0), sl2);
+          } else {
+            online_softmax<true, false, kBlockN>(tSrS, m, l, corr, 0, kBlockN, sl2);
+          }
+          convert_p();
+        }
+        for (int j = 1; j < n; ++j) {
+          const int s = (it + j) % kStages;
+          const uint32_t ph = ((it + j) / kStages) & 1;
+          const int sp = (it + j - 1) % kStages;
+          const uint32_t php = ((it + j - 1) / kStages) & 1;
+          mbar_wait(&sm.full_k[s], ph);
+          pp_sync();
+          gemm_s(s);
+          rescale_o(corr);
+          mbar_wait(&sm.full_v[sp], php);
+          gemm_o(sp);
+          pp_arrive();
+          warpgroup_wait<1>();
+          release(&sm.empty_k[s]);
+          if (j == n - 1) release(&sm.empty_q);  // last Q K^T of this tile is done: Q may be reloaded
+          if (kt.masked(j)) {
+            online_softmax<false, true, kBlockN>(tSrS, m, l, corr, kt.lo(j), kt.hi(j), sl2);
+          } else {
+            online_softmax<false, false, kBlockN>(tSrS, m, l, corr, 0, kBlockN, sl2);
+          }
+          warpgroup_wait<0>();
+          release(&sm.empty_v[sp]);
+          convert_p();
+        }
+        // Last P V.
+        {
+          const int sp = (it + n - 1) % kStages;
+          const uint32_t php = ((it + n - 1) / kStages) & 1;
+          rescale_o(corr);
+          mbar_wait(&sm.full_v[sp], php);
+          pp_sync();
+          gemm_o(sp);
+          if (cwg == 0) pp_arrive();  // warpgroup 1's last turn has no matching wait
+          warpgroup_wait<0>();
+          release(&sm.empty_v[sp]);
+        }
+        it += n;
+      }
+
+      // Finalize: normalise, lse, stage O in shared memory, coalesced 16-byte stores. The row sum is >= 1 when
+      // the row has keys (the max term is exp(0)) and 0 when it has none.
       const int row_in_wg0 = warp_in_wg * 16 + lane / 4;
       const int m0 = m_block * kBlockM + cwg * 64;
       float inv[2];
@@ -531,10 +591,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
         float sum = l[r];
         sum += __shfl_xor_sync(0xffffffffu, sum, 1);
         sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-        inv[r] = 1.0f / sum;
+        inv[r] = sum > 0.0f ? 1.0f / sum : 0.0f;
         const int row = m0 + row_in_wg0 + 8 * r;
-        if (lane % 4 == 0 && row < S) {
-          args.lse[(static_cast<int64_t>(b) * args.H + h) * S + row] = m[r] * args.scale + logf(sum);
+        if (lane % 4 == 0 && row < args.Sq) {
+          args.lse[b * args.lse_sb + h * args.lse_sh + row] = sum > 0.0f ? m[r] * args.scale + logf(sum) : -INFINITY;
         }
       }
       Elem* so = sm.o + cwg * 64 * Cfg::kOStride;
@@ -569,7 +629,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
       for (int idx = ct % 128; idx < 64 * kVecs; idx += 128) {
         const int row = idx / kVecs, vc = idx % kVecs;
         const int grow = m0 + row;
-        if (grow < S && vc < dvecs) {
+        if (grow < args.Sq && vc < dvecs) {
           const uint4 val = *reinterpret_cast<const uint4*>(so + row * Cfg::kOStride + vc * 8);
           char* dst = out_base + (static_cast<int64_t>(grow) * args.out_ss + vc * 8) * sizeof(Elem);
           *reinterpret_cast<uint4*>(dst) = val;
@@ -630,24 +690,38 @@ inline bool encode_map(CUtensorMap* map, DType dtype, const void* ptr, int64_t B
   return r == CUDA_SUCCESS;
 }
 
+// Text keys take part when text_lens is given and k_text has rows (with L == 0 every length clamps to 0).
+inline bool has_text(const SpatialAttentionForwardParams& p) { return p.text_lens != nullptr && p.L > 0; }
+
+// The most keys a query row can have: sets the length of the key loop (configuration, tile order).
+inline int64_t max_keys(const SpatialAttentionForwardParams& p) { return p.Sk + (has_text(p) ? p.L : 0); }
+
+// Encodes the maps of the tensors that the call uses (see FwdMaps; `maps` comes in zeroed): main part and tail of
+// each, boxes of kBlockM (q) or kBlockN (keys) rows.
 template <class Cfg>
 bool make_maps(const SpatialAttentionForwardParams& p, FwdMaps& maps) {
-  const ConstTensor4D* t[3] = {&p.q, &p.k, &p.v};
-  CUtensorMap* main_maps[3] = {&maps.q_a, &maps.k_a, &maps.v_a};
-  CUtensorMap* tail_maps[3] = {&maps.q_b, &maps.k_b, &maps.v_b};
-  for (int i = 0; i < 3; ++i) {
-    const int rows = i == 0 ? Cfg::kBlockM : Cfg::kBlockN;
-    if (!encode_map(main_maps[i], p.dtype, t[i]->data, p.B, p.S, p.H, p.D, t[i]->stride_b, t[i]->stride_s,
-                    t[i]->stride_h, 64, rows, 128)) {
+  struct Entry {
+    const ConstTensor4D& t;
+    int64_t rows;  // 0: not used by this call
+    CUtensorMap* main;
+    CUtensorMap* tail;
+    int box_rows;
+  };
+  const int64_t L = has_text(p) ? p.L : 0;
+  const Entry entries[] = {{p.q, p.Sq, &maps.q_a, &maps.q_b, Cfg::kBlockM},
+                           {p.k, p.Sk, &maps.k_a, &maps.k_b, Cfg::kBlockN},
+                           {p.v, p.Sk, &maps.v_a, &maps.v_b, Cfg::kBlockN},
+                           {p.k_text, L, &maps.kt_a, &maps.kt_b, Cfg::kBlockN},
+                           {p.v_text, L, &maps.vt_a, &maps.vt_b, Cfg::kBlockN}};
+  for (const Entry& e : entries) {
+    if (e.rows == 0) continue;
+    if (!encode_map(e.main, p.dtype, e.t.data, p.B, e.rows, p.H, p.D, e.t.stride_b, e.t.stride_s, e.t.stride_h, 64,
+                    e.box_rows, 128)) {
       return false;
     }
-    if (Cfg::kDb > 0) {
-      if (!encode_map(tail_maps[i], p.dtype, t[i]->data, p.B, p.S, p.H, p.D, t[i]->stride_b, t[i]->stride_s,
-                      t[i]->stride_h, Cfg::kDb, rows, Cfg::kTailSwizzle)) {
-        return false;
-      }
-    } else {
-      *tail_maps[i] = *main_maps[i];  // unused
+    if (Cfg::kDb > 0 && !encode_map(e.tail, p.dtype, e.t.data, p.B, e.rows, p.H, p.D, e.t.stride_b, e.t.stride_s,
+                                    e.t.stride_h, Cfg::kDb, e.box_rows, Cfg::kTailSwizzle)) {
+      return false;
     }
   }
   return true;
@@ -697,7 +771,7 @@ bool kernel_usable() {
 
 template <class Cfg>
 cudaError_t launch_fwd(const SpatialAttentionForwardParams& p, cudaStream_t stream) {
-  FwdMaps maps;
+  FwdMaps maps{};
   if (!make_maps<Cfg>(p, maps)) return cudaErrorInvalidValue;
   auto kernel = spatial_attention_fwd_kernel<Cfg>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -709,12 +783,17 @@ cudaError_t launch_fwd(const SpatialAttentionForwardParams& p, cudaStream_t stre
   a.out_ss = p.out.stride_s;
   a.out_sh = p.out.stride_h;
   a.lse = p.lse;
-  a.S = static_cast<int>(p.S);
+  a.lse_sb = p.lse_stride_b;
+  a.lse_sh = p.lse_stride_h;
+  a.text_lens = has_text(p) ? p.text_lens : nullptr;
+  a.Sq = static_cast<int>(p.Sq);
+  a.Sk = static_cast<int>(p.Sk);
+  a.L = static_cast<int>(p.L);
   a.H = static_cast<int>(p.H);
   a.D = static_cast<int>(p.D);
   a.scale = p.softmax_scale;
   a.scale_log2 = p.softmax_scale * 1.4426950408889634f;
-  const int64_t m_blocks = (p.S + Cfg::kBlockM - 1) / Cfg::kBlockM;
+  const int64_t m_blocks = (p.Sq + Cfg::kBlockM - 1) / Cfg::kBlockM;
   const int64_t total = m_blocks * p.H * p.B;
   if (total >= (int64_t{1} << 31)) return cudaErrorInvalidValue;
   int dev = 0, sms = 0;
@@ -734,25 +813,40 @@ cudaError_t launch_fwd(const SpatialAttentionForwardParams& p, cudaStream_t stre
 
 // Tuned configurations per head-dim bucket (H100, see the notes at the top):
 //   <Elem, kD, kBlockN, kStages, kWG, kPingPong, kMinBlocks, kPersistent>.
+// By the number of keys of a row (at most Sk + L), which sets the length of the key loop.
+// Few keys (text-only cross-attention, L <= 128): 64-key tiles with two ping-pong consumer warpgroups. At D = 72,
+// B = 2, Sq = 16384, L = 120 (random lengths) this ran 1.7x faster than Cfg80 (124 vs 210 us) and 1.5x faster than
+// one consumer warpgroup with 64-key tiles, two blocks per SM (183 us). The time grew with the rows that the copy
+// zero-fills before row 0 in a short last text tile (all lengths 8: 235 us with 128-key tiles, 134 with 64), so
+// shorter key tiles win here (.device/text/NOTES.md, run 4).
+template <typename Elem, int kD>
+using CfgFewKeys = FwdConfig<Elem, kD, 64, 3, 2, true, 1, true>;
 template <typename Elem>
-using Cfg64Short = FwdConfig<Elem, 64, 128, 2, 1, false, 2, true>;  // S <= 1024: 2 blocks of 64 rows per SM
+using Cfg64Short = FwdConfig<Elem, 64, 128, 2, 1, false, 2, true>;  // keys <= 1024: 2 blocks of 64 rows per SM
 template <typename Elem>
-using Cfg64Long = FwdConfig<Elem, 64, 128, 2, 3, false, 1, false>;  // S > 1024: 192 rows per K/V tile
+using Cfg64Long = FwdConfig<Elem, 64, 128, 2, 3, false, 1, false>;  // keys > 1024: 192 rows per K/V tile
 template <typename Elem>
 using Cfg80 = FwdConfig<Elem, 80, 128, 3, 2, true, 1, true>;
 template <typename Elem>
 using Cfg96 = FwdConfig<Elem, 96, 128, 3, 2, true, 1, true>;
 template <typename Elem>
-using Cfg128Short = FwdConfig<Elem, 128, 64, 2, 1, false, 2, true>;  // S <= 512: 2 blocks of 64 rows per SM
+using Cfg128Short = FwdConfig<Elem, 128, 64, 2, 1, false, 2, true>;  // keys <= 512: 2 blocks of 64 rows per SM
 template <typename Elem>
 using Cfg128Long = FwdConfig<Elem, 128, 128, 2, 2, true, 1, false>;  // not persistent: that one spills 60 B
 
 template <class Op, typename Elem>
 bool dispatch_d(const SpatialAttentionForwardParams& p, Op& op) {
-  if (p.D <= 64) return p.S <= 1024 ? op.template run<Cfg64Short<Elem>>() : op.template run<Cfg64Long<Elem>>();
+  const int64_t keys = max_keys(p);
+  if (keys <= 128) {
+    if (p.D <= 64) return op.template run<CfgFewKeys<Elem, 64>>();
+    if (p.D <= 80) return op.template run<CfgFewKeys<Elem, 80>>();
+    if (p.D <= 96) return op.template run<CfgFewKeys<Elem, 96>>();
+    return op.template run<CfgFewKeys<Elem, 128>>();
+  }
+  if (p.D <= 64) return keys <= 1024 ? op.template run<Cfg64Short<Elem>>() : op.template run<Cfg64Long<Elem>>();
   if (p.D <= 80) return op.template run<Cfg80<Elem>>();
   if (p.D <= 96) return op.template run<Cfg96<Elem>>();
-  return p.S <= 512 ? op.template run<Cfg128Short<Elem>>() : op.template run<Cfg128Long<Elem>>();
+  return keys <= 512 ? op.template run<Cfg128Short<Elem>>() : op.template run<Cfg128Long<Elem>>();
 }
 
 // Calls op.template run<Cfg>() for the parameters' configuration; false if there is none.
@@ -767,7 +861,7 @@ struct SupportedOp {
   const SpatialAttentionForwardParams& p;
   template <class Cfg>
   bool run() {
-    FwdMaps maps;
+    FwdMaps maps{};
     return kernel_usable<Cfg>() && make_maps<Cfg>(p, maps);
   }
 };
@@ -797,18 +891,28 @@ bool strides_ok(const Strided4D<T>& t, int64_t B, int64_t S, int64_t H) {
   return t.data != nullptr && aligned16(t.data);
 }
 
-// Everything but the device checks (lse is not looked at unless need_lse).
+bool no_work(const SpatialAttentionForwardParams& p) { return p.B == 0 || p.Sq == 0 || p.H == 0; }
+
+// Everything but the device checks (lse is not looked at unless need_lse, text_lens only for its alignment).
 bool params_ok(const SpatialAttentionForwardParams& p, bool need_lse = true) {
   if (p.dtype != DType::kBFloat16 && p.dtype != DType::kFloat16) return false;
   if (p.D < 8 || p.D > kSpatialAttentionMaxD || p.D % 8 != 0) return false;
-  const int64_t kMax = (int64_t{1} << 31) - 1;
-  if (p.B < 0 || p.S < 0 || p.H < 0 || p.B > kMax || p.S > kMax || p.H > kMax) return false;
-  if (((p.S + 63) / 64) * p.H * p.B >= (int64_t{1} << 31)) return false;  // tile indices are int
+  // Counts below 2^30: row coordinates of key tiles (up to Sk + kBlockN) stay in int.
+  const int64_t kMaxRows = int64_t{1} << 30, kMax = (int64_t{1} << 31) - 1;
+  if (p.B < 0 || p.H < 0 || p.B > kMax || p.H > kMax) return false;
+  if (p.Sq < 0 || p.Sk < 0 || p.L < 0 || p.Sq >= kMaxRows || p.Sk >= kMaxRows || p.L >= kMaxRows) return false;
+  const int64_t tiles_per_b = (p.Sq + 63) / 64 * p.H;  // < 2^55: no overflow
+  if (p.B > 0 && tiles_per_b > kMax / p.B) return false;  // tile indices are int
   if (!(p.softmax_scale >= 0.0f) || !(p.softmax_scale < INFINITY)) return false;
-  if (p.B * p.S * p.H == 0) return true;
-  if (need_lse && p.lse == nullptr) return false;
-  return strides_ok(p.q, p.B, p.S, p.H) && strides_ok(p.k, p.B, p.S, p.H) && strides_ok(p.v, p.B, p.S, p.H) &&
-         strides_ok(p.out, p.B, p.S, p.H);
+  if (no_work(p)) return true;
+  if (need_lse && (p.lse == nullptr || p.lse_stride_b < 0 || p.lse_stride_h < 0)) return false;
+  bool ok = strides_ok(p.q, p.B, p.Sq, p.H) && strides_ok(p.out, p.B, p.Sq, p.H);
+  if (p.Sk > 0) ok = ok && strides_ok(p.k, p.B, p.Sk, p.H) && strides_ok(p.v, p.B, p.Sk, p.H);
+  if (p.text_lens != nullptr) {
+    ok = ok && reinterpret_cast<uintptr_t>(p.text_lens) % alignof(int32_t) == 0;
+    if (p.L > 0) ok = ok && strides_ok(p.k_text, p.B, p.L, p.H) && strides_ok(p.v_text, p.B, p.L, p.H);
+  }
+  return ok;
 }
 
 }  // namespace spatial_detail
@@ -816,7 +920,7 @@ bool params_ok(const SpatialAttentionForwardParams& p, bool need_lse = true) {
 bool spatial_attention_forward_supported(const SpatialAttentionForwardParams& p) {
   using namespace spatial_detail;
   if (!params_ok(p, /*need_lse=*/false)) return false;
-  if (p.B * p.S * p.H == 0) return true;
+  if (no_work(p)) return true;
   SupportedOp op{p};
   return dispatch(p, op);
 }
@@ -824,7 +928,7 @@ bool spatial_attention_forward_supported(const SpatialAttentionForwardParams& p)
 cudaError_t spatial_attention_forward(const SpatialAttentionForwardParams& p, cudaStream_t stream) {
   using namespace spatial_detail;
   if (!params_ok(p)) return cudaErrorInvalidValue;
-  if (p.B * p.S * p.H == 0) return cudaSuccess;
+  if (no_work(p)) return cudaSuccess;
   LaunchOp op{p, stream};
   dispatch(p, op);
   return op.result;
