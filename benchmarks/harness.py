@@ -353,6 +353,27 @@ def compile_fn(fn: Callable, **kwargs) -> Callable:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Baselines shared by the attention suites
+# ---------------------------------------------------------------------------------------------------------
+
+# Back-ends of torch's scaled_dot_product_attention that take a boolean mask (FlashAttention takes none).
+MASKED_SDPA_BACKENDS = ("cudnn", "efficient")
+
+
+def masked_sdpa(q, k, v, key_mask, backend: str):
+    """torch SDPA on ``[B, S, H, D]`` tensors with a boolean key mask ``[B, Sk]`` (True: attend) on one
+    back-end ("cudnn", "efficient" or "math"): masked attention as users run it today. ``[B, Sq, H, D]``."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: PLC0415
+
+    which = {"cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+             "math": SDPBackend.MATH}[backend]
+    with sdpa_kernel(which):
+        out = torch.nn.functional.scaled_dot_product_attention(
+            *(t.transpose(1, 2) for t in (q, k, v)), attn_mask=key_mask[:, None, None, :])
+    return out.transpose(1, 2)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Correctness sanity check (loose: catches garbage, not last-bit differences; tests/ does the real check)
 # ---------------------------------------------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
 
 from openvid_kernels import backends
-from openvid_kernels.triton_kernels import spatial_attention as triton_spatial
+from openvid_kernels.triton_kernels import attention as triton_attention
 
 HEADS = 16
 # (sequences, tokens): forward targets 32 x 1024 and 32 x 4096, forward+backward 256 x 256 and 64 x 1024.
@@ -76,22 +76,22 @@ def sweep(direction: str, head_dim: int) -> None:
                 try_time(f"{label} fwd cuda", fwd_flops, lambda: launch(q, k, v, out, lse, scale))
             for config in FORWARD:
                 try_time(f"{label} fwd triton {config}", fwd_flops,
-                         lambda: triton_spatial.forward(q, k, v, out, lse, scale, config=config))
+                         lambda: triton_attention.forward(q, k, v, out, lse, scale, config=config))
         else:
-            triton_spatial.forward(q, k, v, out, lse, scale)
+            triton_attention.forward(q, k, v, out, lse, scale)
             grads = dqkv.unbind(2)
             best = {}
             for kind, configs in (("dkdv", DKDV), ("dq", DQ)):
                 for config in configs:
                     kwargs = {f"{kind}_config": config}
                     ms = try_time(f"{label} bwd triton {kind}={config}", 2.5 * fwd_flops,
-                                  lambda: triton_spatial.backward(dout, q, k, v, out, lse, *grads, scale, **kwargs))
+                                  lambda: triton_attention.backward(dout, q, k, v, out, lse, *grads, scale, **kwargs))
                     if ms is not None and ms < best.get(kind, (1e9,))[0]:
                         best[kind] = (ms, config)
             if len(best) == 2:
-                fwd_ms = time_ms(lambda: triton_spatial.forward(q, k, v, out, lse, scale))
+                fwd_ms = time_ms(lambda: triton_attention.forward(q, k, v, out, lse, scale))
                 ms = try_time(f"{label} bwd triton best dkdv={best['dkdv'][1]} dq={best['dq'][1]}", 2.5 * fwd_flops,
-                              lambda: triton_spatial.backward(dout, q, k, v, out, lse, *grads, scale,
+                              lambda: triton_attention.backward(dout, q, k, v, out, lse, *grads, scale,
                                                               dkdv_config=best["dkdv"][1], dq_config=best["dq"][1]))
                 if ms is not None:
                     print(f"{label} fwd+bwd triton (default fwd + best bwd): {(fwd_ms + ms) * 1e3:.1f} us "

@@ -6,15 +6,19 @@ Every op is a ``torch.library`` custom op with autograd and ``torch.compile`` su
 
 from openvid_kernels.adaln import gated_residual_layernorm_modulate, layernorm_modulate
 from openvid_kernels.backends import cuda_extension_available, default_backend, use_backend
+from openvid_kernels.cross import cross_attention
+from openvid_kernels.joint import joint_attention
 from openvid_kernels.spatial import spatial_attention, spatial_attention_packed
 from openvid_kernels.temporal import temporal_attention, temporal_attention_packed
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "cross_attention",
     "cuda_extension_available",
     "default_backend",
     "gated_residual_layernorm_modulate",
+    "joint_attention",
     "layernorm_modulate",
     "spatial_attention",
     "spatial_attention_packed",

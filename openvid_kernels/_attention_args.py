@@ -21,11 +21,11 @@ def check_tensor(t, name: str) -> None:
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
 
 
-def check_same(tensors: dict[str, torch.Tensor], dims: slice = slice(None)) -> None:
-    """Every tensor has the first one's dtype, device and ``shape[dims]``."""
+def check_same(tensors: dict[str, torch.Tensor], dims: slice | None = slice(None)) -> None:
+    """Every tensor has the first one's dtype, device and ``shape[dims]`` (dims None: any shape)."""
     (first_name, first), *others = tensors.items()
     for name, t in others:
-        if t.dim() != first.dim() or t.shape[dims] != first.shape[dims]:
+        if dims is not None and (t.dim() != first.dim() or t.shape[dims] != first.shape[dims]):
             raise ValueError(f"{name} has shape {list(t.shape)} but {first_name} has {list(first.shape)}")
         if t.dtype != first.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but {first_name} has {first.dtype}")
@@ -72,3 +72,25 @@ def cuda_layout_problem(tensors: dict[str, torch.Tensor]) -> str | None:
 def unit_head_stride(t: torch.Tensor) -> torch.Tensor:
     # The public functions reject other strides; a compiled graph could still hand over a relaid-out tensor.
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def check_lengths(lens, name: str, batch: int, max_len: int, device: torch.device) -> torch.Tensor:
+    """Per-sequence token counts as an int32 ``[batch]`` tensor on ``device``.
+
+    Lengths given on the host (a CPU tensor or a sequence of ints) are checked against ``[0, max_len]`` with a
+    clear error. Lengths already on the GPU are not read back (that would stall the host on every call); they
+    are clamped into range on the device so that a bad value can never reach memory past the tokens.
+    """
+    if not isinstance(lens, torch.Tensor):
+        lens = torch.as_tensor(lens)
+    if lens.dtype == torch.bool or lens.is_floating_point() or lens.is_complex():
+        raise TypeError(f"{name} must hold integers (token counts), got dtype {lens.dtype}")
+    if lens.shape != (batch,):
+        raise ValueError(f"{name} must have shape [{batch}] (one length per sequence), got {list(lens.shape)}")
+    if lens.device.type == "cpu" and not torch.compiler.is_compiling():
+        bad = (lens < 0) | (lens > max_len)
+        if bad.any():
+            index = int(bad.nonzero()[0, 0])
+            raise ValueError(f"{name}[{index}] = {int(lens[index])} is outside [0, {max_len}] (the padded length)")
+        return lens.to(device=device, dtype=torch.int32)
+    return lens.to(device=device, dtype=torch.int32).clamp(0, max_len)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from openvid_kernels import _attention_args as args
 from openvid_kernels import backends
-from openvid_kernels.triton_kernels import spatial_attention as triton_spatial
+from openvid_kernels.triton_kernels import attention as triton_attention
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -59,29 +59,30 @@ def _lse_shape(q: torch.Tensor) -> tuple[int, int, int]:
 # Launchers, choosing CUDA or Triton at run time.
 # ---------------------------------------------------------------------------------------------------------
 
-def _cuda_kernel(direction: str):
-    """The extension's launcher for a direction, or None when the build has none."""
+def cuda_kernel(direction: str):
+    """The extension's launcher for a direction, or None when the build has none. Cross and joint attention
+    run on the same forward kernel (its optional text keys)."""
     return getattr(backends.cuda_extension, f"spatial_attention_{direction}", None)
 
 
-def _cuda_problem(direction: str, tensors: dict[str, torch.Tensor]) -> str | None:
+def _cuda_problem(direction: str, tensors: dict[str, torch.Tensor], text: dict[str, torch.Tensor]) -> str | None:
     """Why the CUDA kernel for a direction cannot take these tensors, or None."""
-    problem = args.cuda_layout_problem(tensors)
-    if problem is None and len({t.shape for t in tensors.values()}) > 1:
-        problem = "its kernel needs q, k, v of one sequence length"
+    problem = args.cuda_layout_problem({**tensors, **{name: text[name] for name in ("k_text", "v_text") if text}})
     supported = getattr(backends.cuda_extension, f"spatial_attention_{direction}_supported", None)
-    if problem is None and supported is not None and not supported(*tensors.values()):
+    if problem is None and supported is not None and not supported(*tensors.values(), **text):
         problem = "its kernel needs an sm_90 (Hopper) GPU and tensor-map-compatible strides"
     return problem
 
 
-def _use_cuda(backend: str, direction: str, tensors: dict[str, torch.Tensor]) -> bool:
+def use_cuda(backend: str, direction: str, tensors: dict[str, torch.Tensor], text: dict | None = None,
+             problem: str | None = None) -> bool:
     """CUDA where the extension has a kernel for the direction and it takes the call, else Triton ("auto" prefers
-    CUDA: at D = 72 its forward is the faster, BENCHMARKS.md). With ``backend="cuda"`` a call it cannot take is an
-    error, while a direction it has no kernel for (the backward, for now) runs on Triton."""
-    if backend == "triton" or _cuda_kernel(direction) is None:
+    CUDA: at D = 72 its forward is the faster, BENCHMARKS.md). ``text`` holds the optional text keys (k_text,
+    v_text, text_lens); ``problem`` is a reason the caller already knows. With ``backend="cuda"`` a call it
+    cannot take is an error, while a direction it has no kernel for (the backward, for now) runs on Triton."""
+    if backend == "triton" or cuda_kernel(direction) is None:
         return False
-    problem = _cuda_problem(direction, tensors)
+    problem = problem or _cuda_problem(direction, tensors, text or {})
     if backend == "cuda" and problem is not None:
         raise ValueError(f"backend='cuda' cannot take this call: {problem}; use backend='triton' or 'auto'")
     return problem is None
@@ -92,8 +93,8 @@ def _forward(q, k, v, softmax_scale: float, backend: str) -> tuple[torch.Tensor,
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(_lse_shape(q), dtype=torch.float32, device=q.device)
     if q.numel():
-        cuda = _use_cuda(backend, "forward", dict(q=q, k=k, v=v, out=out))
-        launch = _cuda_kernel("forward") if cuda else triton_spatial.forward
+        cuda = use_cuda(backend, "forward", dict(q=q, k=k, v=v, out=out))
+        launch = cuda_kernel("forward") if cuda else triton_attention.forward
         launch(q, k, v, out, lse, softmax_scale)
     return out, lse
 
@@ -102,8 +103,8 @@ def _backward(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale: float, backend
     """Writes dq, dk, dv (views into one packed buffer, or separate tensors)."""
     dout = args.unit_head_stride(dout)
     if q.numel():
-        cuda = _use_cuda(backend, "backward", dict(dout=dout, q=q, k=k, v=v, out=out, dq=dq, dk=dk, dv=dv))
-        launch = _cuda_kernel("backward") if cuda else triton_spatial.backward
+        cuda = use_cuda(backend, "backward", dict(dout=dout, q=q, k=k, v=v, out=out, dq=dq, dk=dk, dv=dv))
+        launch = cuda_kernel("backward") if cuda else triton_attention.backward
         launch(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale)
 
 
@@ -229,7 +230,7 @@ def spatial_attention(q, k, v, softmax_scale: float | None = None, backend: str 
     args.check_same(dict(k=k, v=v))
     if (q.shape[0], *q.shape[2:]) != (k.shape[0], *k.shape[2:]):
         raise ValueError(f"q has shape {list(q.shape)} and k {list(k.shape)}; they must agree in B, H and D")
-    args.check_same(dict(q=q, k=k), dims=slice(0, 0))  # dtype and device
+    args.check_same(dict(q=q, k=k), dims=None)  # dtype and device
     if q.shape[1] == 0 or k.shape[1] == 0:
         raise ValueError(f"q and k need at least one token (dim 1), got {q.shape[1]} and {k.shape[1]}")
     head_dim = q.shape[-1]

@@ -47,10 +47,6 @@ def test_separate_qkv_of_different_lengths_match_reference(device, backend, dtyp
     factory = dict(device=device, dtype=dtype)
     q = torch.randn(2, query_tokens, 3, head_dim, **factory)
     k, v = (torch.randn(2, key_tokens, 3, head_dim, **factory) for _ in range(2))
-    if backend == "cuda" and sa._cuda_kernel("forward") is not None:
-        with pytest.raises(ValueError, match="one sequence length"):
-            ok.spatial_attention(q, k, v, backend=backend)
-        backend = "auto"  # the CUDA forward takes one length; auto runs Triton
     check_against_reference(
         lambda *t: ok.spatial_attention(*t, softmax_scale=0.3, backend=backend),
         lambda *t: sa.spatial_attention_reference(*t, softmax_scale=0.3),
@@ -89,9 +85,9 @@ def test_triton_block_shapes(device, backend, dtype, config):
     qkv = torch.randn(B, S, 3, H, D, device=device, dtype=dtype)
     q, k, v = qkv.unbind(2)
     out, lse = torch.empty_like(q), torch.empty(B, H, S, device=device)
-    sa.triton_spatial.forward(q, k, v, out, lse, 0.2, config=config)
+    sa.triton_attention.forward(q, k, v, out, lse, 0.2, config=config)
     dout, dqkv = torch.randn_like(out), torch.empty_like(qkv)
-    sa.triton_spatial.backward(dout, q, k, v, out, lse, *dqkv.unbind(2), 0.2, dkdv_config=config, dq_config=config)
+    sa.triton_attention.backward(dout, q, k, v, out, lse, *dqkv.unbind(2), 0.2, dkdv_config=config, dq_config=config)
 
     ref_qkv = qkv.double().requires_grad_()
     ref = sa.spatial_attention_reference(*ref_qkv.unbind(2), softmax_scale=0.2)
@@ -254,8 +250,8 @@ def test_auto_choice_and_cuda_backend_limits(monkeypatch):
     """auto runs the kernel the dispatch table names and falls back to Triton for layouts CUDA cannot take;
     backend='cuda' says why it cannot."""
     calls = []
-    original = sa.triton_spatial.forward
-    monkeypatch.setattr(sa.triton_spatial, "forward", lambda *a: calls.append("triton") or original(*a))
+    original = sa.triton_attention.forward
+    monkeypatch.setattr(sa.triton_attention, "forward", lambda *a: calls.append("triton") or original(*a))
     factory = dict(device="cuda", dtype=torch.bfloat16)
     aligned = torch.randn(2, 2 * 300, 3, 2, 72, **factory)
     unaligned = torch.randn(2, 2 * 300, 3, 2, 76, **factory)[..., :72]  # head stride 76: not a multiple of 8
@@ -263,11 +259,9 @@ def test_auto_choice_and_cuda_backend_limits(monkeypatch):
         out = ok.spatial_attention_packed(qkv, 2)
         reference = sa.spatial_attention_packed_reference(qkv.double(), 2)
         assert_close_to_reference(out, reference, torch.bfloat16, "auto")
-    cuda_forward = sa._cuda_kernel("forward") is not None
+    cuda_forward = sa.cuda_kernel("forward") is not None
     assert calls == (["triton"] if cuda_forward else ["triton", "triton"])
     if cuda_forward:
-        with pytest.raises(ValueError, match="one sequence length"):
-            ok.spatial_attention(*aligned[:, :300].unbind(2)[:1], *aligned[:, :200].unbind(2)[1:], backend="cuda")
         with pytest.raises(ValueError, match="not multiples of 8 elements"):
             ok.spatial_attention_packed(unaligned, 2, backend="cuda")
         with pytest.raises(ValueError, match="the CUDA kernels take float16 and bfloat16"):
