@@ -163,6 +163,7 @@ struct FwdArgs {
   const int32_t* text_lens;  // null: no text keys
   int Sq, Sk, L, H, D;
   int m_blocks;      // query tiles per (b, h)
+  int tiles_per_b;   // m_blocks * H
   int total_tiles;   // m_blocks * H * B
   float scale;       // softmax_scale
   float scale_log2;  // softmax_scale * log2(e)
@@ -286,14 +287,28 @@ struct FwdMaps {
 // The key tiles of one (b, h) and where each comes from: key tiles j < n_vid are video rows [j * kBlockN, ...) of
 // k/v (rows past Sk zero-filled by the copy), the rest text rows of k_text/v_text, the last of them ending at
 // row len (see the notes at the top). Only the columns [lo(j), hi(j)) of key tile j are new keys.
+// At most two key tiles need a mask: the last video tile when kBlockN does not divide Sk (rows past Sk), and the
+// last text tile when it does not divide len (rows the previous text tile covered, or rows before 0). Their
+// indices are fixed per (b, h), so the consumers' key loop only compares the tile index with the next of them;
+// lo and hi are computed for those tiles only (computing them for every tile cost ~10 instructions per key tile).
 template <int kBlockN>
 struct KeyTiles {
   int Sk, n_vid, len, n;
+  int masked_vid, masked_text;  // index of the masked last video / text tile, -1: none
   __device__ __forceinline__ KeyTiles(const FwdArgs& a, int b) {
+    // Counts are >= 0: unsigned division is a shift.
     Sk = a.Sk;
-    n_vid = (a.Sk + kBlockN - 1) / kBlockN;
-    len = a.text_lens != nullptr ? min(max(__ldg(a.text_lens + b), 0), a.L) : 0;
-    n = n_vid + (len + kBlockN - 1) / kBlockN;
+    n_vid = static_cast<unsigned>(Sk + kBlockN - 1) / kBlockN;
+    masked_vid = Sk % kBlockN != 0 ? n_vid - 1 : -1;
+    // Without text keys every tile has the same key tiles: nothing to load or compute per tile.
+    len = 0;
+    n = n_vid;
+    masked_text = -1;
+    if (a.text_lens != nullptr) {
+      len = min(max(__ldg(a.text_lens + b), 0), a.L);
+      n = n_vid + static_cast<unsigned>(len + kBlockN - 1) / kBlockN;
+      masked_text = len % kBlockN != 0 ? n - 1 : -1;
+    }
   }
   __device__ __forceinline__ bool text(int j) const { return j >= n_vid; }
   // First row of key tile j in its tensor (negative for a short last text tile: rows before 0 are zero-filled).
@@ -302,7 +317,10 @@ struct KeyTiles {
   }
   __device__ __forceinline__ int lo(int j) const { return j < n_vid ? 0 : (j - n_vid) * kBlockN - row(j); }
   __device__ __forceinline__ int hi(int j) const { return j < n_vid ? min(kBlockN, Sk - j * kBlockN) : kBlockN; }
-  __device__ __forceinline__ bool masked(int j) const { return lo(j) > 0 || hi(j) < kBlockN; }
+  // lo(j) > 0 || hi(j) < kBlockN.
+  __device__ __forceinline__ bool masked(int j) const { return j == masked_vid || j == masked_text; }
+  // The first masked key tile at index >= 1, -1: none (masked_vid < masked_text when both exist).
+  __device__ __forceinline__ int first_masked_after_0() const { return masked_vid >= 1 ? masked_vid : masked_text; }
 };
 
 template <class Cfg>
@@ -381,18 +399,17 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
           tma_load_4d(sm.q_a + i * kBlockM * 64, &maps.q_a, &sm.bar_q, i * 64, h, m0, b);
         }
         if constexpr (kDb > 0) tma_load_4d(sm.q_b, &maps.q_b, &sm.bar_q, kDa, h, m0, b);
-        for (int j = 0; j < kt.n; ++j, ++it) {
+        // Key tile at row n0 of k/v (video) or k_text/v_text (text) into the next pipeline stage.
+        auto load_kv = [&](bool text, int n0) {
           const int s = it % kStages;
           const uint32_t ph = (it / kStages) & 1;
-          const int n0 = kt.row(j);
-          const bool text = kt.text(j);
-          const CUtensorMap* k_a = text ? &maps.kt_a : &maps.k_a;
-          const CUtensorMap* v_a = text ? &maps.vt_a : &maps.v_a;
+          ++it;
           mbar_wait(&sm.empty_k[s], ph ^ 1);
           mbar_arrive_expect_tx(&sm.full_k[s], kKVBytes);
           CUTE_UNROLL
           for (int i = 0; i < Cfg::kMainBoxes; ++i) {
-            tma_load_4d(sm.k_a + (s * kDa + i * 64) * kBlockN, k_a, &sm.full_k[s], i * 64, h, n0, b);
+            tma_load_4d(sm.k_a + (s * kDa + i * 64) * kBlockN, text ? &maps.kt_a : &maps.k_a, &sm.full_k[s], i * 64, h,
+                        n0, b);
           }
           if constexpr (kDb > 0) {
             tma_load_4d(sm.k_b + s * kDb * kBlockN, text ? &maps.kt_b : &maps.k_b, &sm.full_k[s], kDa, h, n0, b);
@@ -401,12 +418,16 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
           mbar_arrive_expect_tx(&sm.full_v[s], kKVBytes);
           CUTE_UNROLL
           for (int i = 0; i < Cfg::kMainBoxes; ++i) {
-            tma_load_4d(sm.v_a + (s * kDa + i * 64) * kBlockN, v_a, &sm.full_v[s], i * 64, h, n0, b);
+            tma_load_4d(sm.v_a + (s * kDa + i * 64) * kBlockN, text ? &maps.vt_a : &maps.v_a, &sm.full_v[s], i * 64, h,
+                        n0, b);
           }
           if constexpr (kDb > 0) {
             tma_load_4d(sm.v_b + s * kDb * kBlockN, text ? &maps.vt_b : &maps.v_b, &sm.full_v[s], kDa, h, n0, b);
           }
-        }
+        };
+        // Video tiles, then text tiles: two loops, so that the maps and the row rule are fixed in each.
+        for (int j = 0; j < kt.n_vid; ++j) load_kv(false, j * kBlockN);
+        for (int j = kt.n_vid; j < kt.n; ++j) load_kv(true, kt.row(j));
         if constexpr (!Cfg::kPersistent) break;
       }
     }
@@ -506,9 +527,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
     int it = 0;      // key tiles consumed so far (pipeline position)
     int q_iter = 0;  // Q tiles consumed so far
     for (int t = blockIdx.x; t < args.total_tiles; t += gridDim.x) {
-      int m_block, h, b;
-      decode(t, m_block, h, b);
-      const KeyTiles<kBlockN> kt(args, b);
+      // Before the key loop the batch index is needed only for the text length: without text keys a tile starts
+      // without any division (decode, two divisions, runs after the key loop); with them it is one division.
+      const KeyTiles<kBlockN> kt(args, args.text_lens != nullptr ? t / args.tiles_per_b : 0);
       const int n = kt.n;
       CUTE_UNROLL
       for (int i = 0; i < size(tOrOa); ++i) tOrOa(i) = 0.0f;
@@ -542,6 +563,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
           }
           convert_p();
         }
+        // The next key tile that needs a mask (see KeyTiles): one compare per key tile.
+        int next_masked = kt.first_masked_after_0();
         for (int j = 1; j < n; ++j) {
           const int s = (it + j) % kStages;
           const uint32_t ph = ((it + j) / kStages) & 1;
@@ -556,9 +579,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
           pp_arrive();
           warpgroup_wait<1>();
           release(&sm.empty_k[s]);
-          if (j == n - 1) release(&sm.empty_q);  // last Q K^T of this tile is done: Q may be reloaded
-          if (kt.masked(j)) {
+          // Last Q K^T of this tile is done: Q may be reloaded. (j + 1 == n: the loop's own exit test; written as
+          // j == n - 1, n was recomputed from text_lens in every iteration.)
+          if (j + 1 == n) release(&sm.empty_q);
+          if (j == next_masked) {
             online_softmax<false, true, kBlockN>(tSrS, m, l, corr, kt.lo(j), kt.hi(j), sl2);
+            next_masked = kt.masked_text;  // the only one that can follow (or j itself: not seen again)
           } else {
             online_softmax<false, false, kBlockN>(tSrS, m, l, corr, 0, kBlockN, sl2);
           }
@@ -583,6 +609,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
 
       // Finalize: normalise, lse, stage O in shared memory, coalesced 16-byte stores. The row sum is >= 1 when
       // the row has keys (the max term is exp(0)) and 0 when it has none.
+      int m_block, h, b;
+      decode(t, m_block, h, b);
       const int row_in_wg0 = warp_in_wg * 16 + lane / 4;
       const int m0 = m_block * kBlockM + cwg * 64;
       float inv[2];
@@ -802,6 +830,7 @@ cudaError_t launch_fwd(const SpatialAttentionForwardParams& p, cudaStream_t stre
   err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
   if (err != cudaSuccess) return err;
   a.m_blocks = static_cast<int>(m_blocks);
+  a.tiles_per_b = static_cast<int>(m_blocks * p.H);
   a.total_tiles = static_cast<int>(total);
   // Persistent blocks (one per SM, or kMinBlocks): each loops over tiles, so that a tile's epilogue overlaps the
   // next tile's loads.
