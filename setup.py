@@ -78,7 +78,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["openvid_kernels*", "openvid_models*"]),
-    install_requires=["torch>=2.11", "triton>=3.6", "einops", "nvidia-cutlass"],
+    install_requires=["torch>=2.11", "triton>=3.6", "einops", "nvidia-cutlass", "safetensors"],
     extras_require={"test": ["pytest", "pytest-benchmark", "numpy"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -1,0 +1,170 @@
+"""STDiT (Open-Sora 1.0; OpenVid-1M's STDiT-XL/2) on openvid_kernels ops, loading the released checkpoints unchanged.
+
+A block, with the six modulation vectors (shift, scale, gate for attention; shift, scale, gate for the MLP) from
+the block's ``scale_shift_table`` plus the timestep embedding ``t_block(t)`` (adaLN-single, PixArt-alpha):
+
+    x = x + gate_msa * SpatialAttention(LN(x) * (1 + scale_msa) + shift_msa)    # within each frame
+    x = x + gate_msa * TemporalAttention(x [+ temporal position embedding])      # across frames, same gate
+    x = x + CrossAttention(x, caption)                                           # no gate
+    x = x + gate_mlp * MLP(LN(x) * (1 + scale_mlp) + shift_mlp)
+
+The temporal attention takes x unmodulated, reuses the spatial gate, and gets the temporal position embedding
+in the first block only: upstream's quirks, kept so that the released weights mean what they meant.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from einops import rearrange
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import openvid_kernels as ok
+from openvid_models.layers import (CaptionEmbedder, CrossAttention, Mlp, PatchEmbed3D, SelfAttention, T2IFinalLayer,
+                                   TimestepEmbedder, sincos_2d, sincos_temporal)
+
+
+class STDiTBlock(nn.Module):
+    def __init__(self, hidden_size: int, num_heads: int, num_frames: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.num_frames = num_frames
+        self.attn = SelfAttention(hidden_size, num_heads, "spatial")
+        self.cross_attn = CrossAttention(hidden_size, num_heads)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.scale_shift_table = nn.Parameter(torch.randn(6, hidden_size) / hidden_size**0.5)
+        self.attn_temp = SelfAttention(hidden_size, num_heads, "temporal")
+
+    def forward(self, x, y, y_lens, t, temporal_pos_embed=None):
+        """x ``[B, T*S, C]`` (frame-major), y ``[B, L, C]`` caption tokens of which ``y_lens[b]`` are real,
+        t ``[B, 6C]``; temporal_pos_embed ``[1, T, C]`` or None."""
+        T = self.num_frames
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
+            self.scale_shift_table[None] + t.unflatten(1, (6, -1))
+        ).chunk(6, dim=1)
+        x = x + gate_msa * self.attn(ok.layernorm_modulate(x, shift_msa, scale_msa), T)
+        x_t = x
+        if temporal_pos_embed is not None:
+            x_t = (x.unflatten(1, (T, -1)) + temporal_pos_embed[:, :, None].to(x.dtype)).flatten(1, 2)
+        x = x + gate_msa * self.attn_temp(x_t, T)
+        no_gate = torch.ones_like(gate_mlp)
+        x, h = ok.gated_residual_layernorm_modulate(x, self.cross_attn(x, y, y_lens), no_gate, shift_mlp, scale_mlp)
+        return x + gate_mlp * self.mlp(h)
+
+
+class STDiT(nn.Module):
+    """``forward(x [B, C, T, H, W], timestep [B], y [B, 1, L, caption_channels], mask [B, L]) -> [B, 2C, T, H, W]``
+    (``C`` out channels without ``pred_sigma``), float32. Arguments and parameter names as upstream."""
+
+    def __init__(
+        self,
+        input_size: tuple[int, int, int] = (1, 32, 32),
+        in_channels: int = 4,
+        patch_size: tuple[int, int, int] = (1, 2, 2),
+        hidden_size: int = 1152,
+        depth: int = 28,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        class_dropout_prob: float = 0.1,
+        pred_sigma: bool = True,
+        caption_channels: int = 4096,
+        model_max_length: int = 120,
+        space_scale: float = 1.0,
+        time_scale: float = 1.0,
+        freeze: str | None = None,
+    ):
+        super().__init__()
+        self.input_size, self.patch_size = tuple(input_size), tuple(patch_size)
+        self.in_channels = in_channels
+        self.out_channels = in_channels * 2 if pred_sigma else in_channels
+        self.grid = tuple(size // patch for size, patch in zip(self.input_size, self.patch_size))  # T, H, W
+        self.num_temporal = self.grid[0]
+        self.num_spatial = self.grid[1] * self.grid[2]
+        self.grad_checkpointing = False  # activation checkpointing per block, in training
+
+        pos_embed = sincos_2d(hidden_size, self.grid[1], self.grid[2], space_scale)
+        self.register_buffer("pos_embed", pos_embed.float()[None])
+        self.register_buffer("pos_embed_temporal", sincos_temporal(hidden_size, self.grid[0], time_scale).float()[None])
+        self.x_embedder = PatchEmbed3D(self.patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+        self.y_embedder = CaptionEmbedder(caption_channels, hidden_size, class_dropout_prob, model_max_length)
+        self.blocks = nn.ModuleList(
+            STDiTBlock(hidden_size, num_heads, self.num_temporal, mlp_ratio) for _ in range(depth)
+        )
+        self.final_layer = T2IFinalLayer(hidden_size, math.prod(self.patch_size), self.out_channels)
+        self.initialize_weights()
+        if freeze is not None:
+            self.freeze(freeze)
+
+    # -----------------------------------------------------------------------------------------------------
+    # Weights
+    # -----------------------------------------------------------------------------------------------------
+
+    def initialize_weights(self) -> None:
+        """Upstream's initialisation: xavier linears, zero biases, small-normal embedder MLPs, zero output layers
+        (cross-attention projections, the final linear, and the temporal attention's projection, so that a
+        model grown from an image checkpoint starts as that image model)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        weight = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
+        for linear in (self.t_embedder.mlp[0], self.t_embedder.mlp[2], self.t_block[1], self.y_embedder.y_proj.fc1,
+                       self.y_embedder.y_proj.fc2):
+            nn.init.normal_(linear.weight, std=0.02)
+        zero = [self.final_layer.linear]
+        zero += [linear for block in self.blocks for linear in (block.cross_attn.proj, block.attn_temp.proj)]
+        for linear in zero:
+            nn.init.zeros_(linear.weight)
+            nn.init.zeros_(linear.bias)
+
+    def freeze(self, what: str) -> None:
+        """``"not_temporal"``: train only the temporal attention; ``"text"``: freeze the cross-attention."""
+        if what not in ("not_temporal", "text"):
+            raise ValueError(f"freeze must be None, 'not_temporal' or 'text', got {what!r}")
+        for name, param in self.named_parameters():
+            if (what == "not_temporal" and "attn_temp" not in name) or (what == "text" and "cross_attn" in name):
+                param.requires_grad_(False)
+
+    # -----------------------------------------------------------------------------------------------------
+    # Forward
+    # -----------------------------------------------------------------------------------------------------
+
+    def forward(self, x, timestep, y, mask=None, force_drop_ids=None):
+        """``mask [B, L]`` marks the real caption tokens (T5's attention mask: a prefix of ones); None: all
+        real. A mask of fewer rows than y (classifier-free guidance batches) is repeated, as upstream.
+        ``force_drop_ids [B]``: 1 replaces that caption by the null caption."""
+        dtype = self.x_embedder.proj.weight.dtype
+        x = self.x_embedder(x.to(dtype))
+        x = (x.unflatten(1, (self.num_temporal, self.num_spatial)) + self.pos_embed[:, None].to(dtype)).flatten(1, 2)
+        t = self.t_embedder(timestep, dtype)
+        t_mod = self.t_block(t)
+        y = self.y_embedder(y.to(dtype), self.training, force_drop_ids).squeeze(1)  # [B, L, C]
+        y_lens = caption_lengths(mask, y)
+        for i, block in enumerate(self.blocks):
+            temporal_pos_embed = self.pos_embed_temporal if i == 0 else None
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, y, y_lens, t_mod, temporal_pos_embed, use_reentrant=False)
+            else:
+                x = block(x, y, y_lens, t_mod, temporal_pos_embed)
+        return self.unpatchify(self.final_layer(x, t)).float()
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, T*S, prod(patch) * C_out]`` tokens to ``[B, C_out, T, H, W]``."""
+        (nt, nh, nw), (pt, ph, pw) = self.grid, self.patch_size
+        return rearrange(x, "B (nt nh nw) (pt ph pw c) -> B c (nt pt) (nh ph) (nw pw)",
+                         nt=nt, nh=nh, nw=nw, pt=pt, ph=ph, pw=pw)
+
+
+def caption_lengths(mask: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
+    """Real caption tokens per sample, int32 ``[B]`` on y's device, from T5's mask ``[B, L]`` (or ``[B, 1, 1, L]``)."""
+    B, L = y.shape[0], y.shape[-2]
+    if mask is None:
+        return torch.full((B,), L, dtype=torch.int32, device=y.device)
+    mask = mask.reshape(mask.shape[0], -1)
+    if mask.shape[0] != B:
+        mask = mask.repeat(B // mask.shape[0], 1)
+    return mask.to(y.device).sum(1, dtype=torch.int32)
