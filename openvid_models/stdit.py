@@ -22,8 +22,21 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import openvid_kernels as ok
+from openvid_models.checkpoint import load_state_dict
 from openvid_models.layers import (CaptionEmbedder, CrossAttention, Mlp, PatchEmbed3D, SelfAttention, T2IFinalLayer,
                                    TimestepEmbedder, sincos_2d, sincos_temporal)
+
+
+def modulation(table: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """adaLN-single: a block's ``table [n, C]`` plus the timestep's ``t [B, n*C]``, as n ``[B, 1, C]`` vectors."""
+    return (table[None] + t.unflatten(1, (table.shape[0], -1))).chunk(table.shape[0], dim=1)
+
+
+def add_temporal_pos_embed(x: torch.Tensor, pos_embed: torch.Tensor | None, num_frames: int) -> torch.Tensor:
+    """``x [B, T*N, C]`` plus ``pos_embed [1, T, C]`` on every token of a frame (None: x)."""
+    if pos_embed is None:
+        return x
+    return (x.unflatten(1, (num_frames, -1)) + pos_embed[:, :, None].to(x.dtype)).flatten(1, 2)
 
 
 class STDiTBlock(nn.Module):
@@ -40,14 +53,9 @@ class STDiTBlock(nn.Module):
         """x ``[B, T*S, C]`` (frame-major), y ``[B, L, C]`` caption tokens of which ``y_lens[b]`` are real,
         t ``[B, 6C]``; temporal_pos_embed ``[1, T, C]`` or None."""
         T = self.num_frames
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
-            self.scale_shift_table[None] + t.unflatten(1, (6, -1))
-        ).chunk(6, dim=1)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation(self.scale_shift_table, t)
         x = x + gate_msa * self.attn(ok.layernorm_modulate(x, shift_msa, scale_msa), T)
-        x_t = x
-        if temporal_pos_embed is not None:
-            x_t = (x.unflatten(1, (T, -1)) + temporal_pos_embed[:, :, None].to(x.dtype)).flatten(1, 2)
-        x = x + gate_msa * self.attn_temp(x_t, T)
+        x = x + gate_msa * self.attn_temp(add_temporal_pos_embed(x, temporal_pos_embed, T), T)
         no_gate = torch.ones_like(gate_mlp)
         x, h = ok.gated_residual_layernorm_modulate(x, self.cross_attn(x, y, y_lens), no_gate, shift_mlp, scale_mlp)
         return x + gate_mlp * self.mlp(h)
@@ -56,6 +64,9 @@ class STDiTBlock(nn.Module):
 class STDiT(nn.Module):
     """``forward(x [B, C, T, H, W], timestep [B], y [B, 1, L, caption_channels], mask [B, L]) -> [B, 2C, T, H, W]``
     (``C`` out channels without ``pred_sigma``), float32. Arguments and parameter names as upstream."""
+
+    block_type = STDiTBlock
+    freeze_options = ("not_temporal", "text")
 
     def __init__(
         self,
@@ -91,7 +102,7 @@ class STDiT(nn.Module):
         self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
         self.y_embedder = CaptionEmbedder(caption_channels, hidden_size, class_dropout_prob, model_max_length)
         self.blocks = nn.ModuleList(
-            STDiTBlock(hidden_size, num_heads, self.num_temporal, mlp_ratio) for _ in range(depth)
+            self.block_type(hidden_size, num_heads, self.num_temporal, mlp_ratio) for _ in range(depth)
         )
         self.final_layer = T2IFinalLayer(hidden_size, math.prod(self.patch_size), self.out_channels)
         self.initialize_weights()
@@ -101,6 +112,15 @@ class STDiT(nn.Module):
     # -----------------------------------------------------------------------------------------------------
     # Weights
     # -----------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path, **kwargs):
+        """The model built with ``kwargs`` (e.g. ``**MODEL_SIZES["STDiT-XL/2"]``) holding the weights of ``path``
+        (``.safetensors`` / ``.pt`` / ``.pth``, read without unpickling code), loaded strictly: every name and
+        shape must match."""
+        model = cls(**kwargs)
+        model.load_state_dict(load_state_dict(path), strict=True)
+        return model
 
     def initialize_weights(self) -> None:
         """Upstream's initialisation: xavier linears, zero biases, small-normal embedder MLPs, zero output layers
@@ -112,8 +132,8 @@ class STDiT(nn.Module):
                 nn.init.zeros_(module.bias)
         weight = self.x_embedder.proj.weight.data
         nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
-        for linear in (self.t_embedder.mlp[0], self.t_embedder.mlp[2], self.t_block[1], self.y_embedder.y_proj.fc1,
-                       self.y_embedder.y_proj.fc2):
+        for linear in (self.t_embedder.mlp[0], self.t_embedder.mlp[2], *self.timestep_blocks(),
+                       self.y_embedder.y_proj.fc1, self.y_embedder.y_proj.fc2):
             nn.init.normal_(linear.weight, std=0.02)
         zero = [self.final_layer.linear]
         zero += [linear for block in self.blocks for linear in (block.cross_attn.proj, block.attn_temp.proj)]
@@ -121,12 +141,19 @@ class STDiT(nn.Module):
             nn.init.zeros_(linear.weight)
             nn.init.zeros_(linear.bias)
 
+    def timestep_blocks(self) -> list[nn.Linear]:
+        """The linears that turn the timestep embedding into modulation vectors."""
+        return [self.t_block[1]]
+
     def freeze(self, what: str) -> None:
-        """``"not_temporal"``: train only the temporal attention; ``"text"``: freeze the cross-attention."""
-        if what not in ("not_temporal", "text"):
-            raise ValueError(f"freeze must be None, 'not_temporal' or 'text', got {what!r}")
+        """``"not_temporal"``: train only the temporal attention; ``"text"``: freeze the cross-attention;
+        ``"not_attn"`` (MVDiT): train only the spatial (joint) attention."""
+        if what not in self.freeze_options:
+            raise ValueError(f"freeze must be None or one of {self.freeze_options}, got {what!r}")
         for name, param in self.named_parameters():
-            if (what == "not_temporal" and "attn_temp" not in name) or (what == "text" and "cross_attn" in name):
+            spatial_attention = ".attn." in name
+            if ((what == "not_temporal" and "attn_temp" not in name) or (what == "text" and "cross_attn" in name)
+                    or (what == "not_attn" and not spatial_attention)):
                 param.requires_grad_(False)
 
     # -----------------------------------------------------------------------------------------------------
@@ -137,20 +164,26 @@ class STDiT(nn.Module):
         """``mask [B, L]`` marks the real caption tokens (T5's attention mask: a prefix of ones); None: all
         real. A mask of fewer rows than y (classifier-free guidance batches) is repeated, as upstream.
         ``force_drop_ids [B]``: 1 replaces that caption by the null caption."""
+        x, t, y = self.embed(x, timestep, y, force_drop_ids)
+        y = y.squeeze(1)  # [B, L, C]
+        y_lens = caption_lengths(mask, y)
+        t_mod = self.t_block(t)
+        for i, block in enumerate(self.blocks):
+            x = self.run_block(block, x, y, y_lens, t_mod, self.pos_embed_temporal if i == 0 else None)
+        return self.unpatchify(self.final_layer(x, t)).float()
+
+    def embed(self, x, timestep, y, force_drop_ids):
+        """Tokens ``[B, T*S, C]`` with the spatial position embedding, the timestep embedding ``[B, C]`` and the
+        caption tokens ``[B, 1, L, C]``, in the weights' dtype."""
         dtype = self.x_embedder.proj.weight.dtype
         x = self.x_embedder(x.to(dtype))
         x = (x.unflatten(1, (self.num_temporal, self.num_spatial)) + self.pos_embed[:, None].to(dtype)).flatten(1, 2)
-        t = self.t_embedder(timestep, dtype)
-        t_mod = self.t_block(t)
-        y = self.y_embedder(y.to(dtype), self.training, force_drop_ids).squeeze(1)  # [B, L, C]
-        y_lens = caption_lengths(mask, y)
-        for i, block in enumerate(self.blocks):
-            temporal_pos_embed = self.pos_embed_temporal if i == 0 else None
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, y, y_lens, t_mod, temporal_pos_embed, use_reentrant=False)
-            else:
-                x = block(x, y, y_lens, t_mod, temporal_pos_embed)
-        return self.unpatchify(self.final_layer(x, t)).float()
+        return x, self.t_embedder(timestep, dtype), self.y_embedder(y.to(dtype), self.training, force_drop_ids)
+
+    def run_block(self, block, *args):
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, T*S, prod(patch) * C_out]`` tokens to ``[B, C_out, T, H, W]``."""
