@@ -141,6 +141,24 @@ class STDiT(nn.Module):
             nn.init.zeros_(linear.weight)
             nn.init.zeros_(linear.bias)
 
+    def init_from_image_model(self, state: dict[str, torch.Tensor]) -> None:
+        """Start from a PixArt-alpha (image) checkpoint, as upstream does: every weight the image model has (its
+        2-D patch embedding becomes a one-frame 3-D one), position embeddings recomputed for this model's size,
+        and the temporal attention's output projection zeroed, so that frames start out independent: the model
+        computes the image model on every frame. Names other than these are an error."""
+        state = dict(state)
+        state.pop("pos_embed", None)
+        patch = state.get("x_embedder.proj.weight")
+        if patch is not None and patch.dim() == 4:
+            state["x_embedder.proj.weight"] = patch.unsqueeze(2)
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        missing = [name for name in missing if not name.startswith("pos_embed") and ".attn_temp." not in name]
+        if missing or unexpected:
+            raise ValueError(f"not an image checkpoint of this model: missing {missing}, unexpected {unexpected}")
+        for block in self.blocks:
+            nn.init.zeros_(block.attn_temp.proj.weight)
+            nn.init.zeros_(block.attn_temp.proj.bias)
+
     def timestep_blocks(self) -> list[nn.Linear]:
         """The linears that turn the timestep embedding into modulation vectors."""
         return [self.t_block[1]]

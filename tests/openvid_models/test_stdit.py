@@ -1,11 +1,12 @@
 """STDiT: the released checkpoint's names and shapes, and the upstream math."""
 
+import pytest
 import torch
 from einops import rearrange
 
 from openvid_models import STDiT
 from tests.openvid_models.utils import (assert_matches_upstream, attention, layernorm_modulate,
-                                        released_shape_mismatches, tiny_model)
+                                        released_shape_mismatches, tiny_inputs, tiny_model)
 
 
 def test_xl2_has_the_released_checkpoint_names_and_shapes():
@@ -57,3 +58,23 @@ def test_freeze_not_temporal_trains_the_temporal_attention_only():
     model = tiny_model(STDiT, freeze="not_temporal")
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("attn_temp" in name for name in trainable)
+
+
+def test_init_from_an_image_checkpoint_makes_frames_independent():
+    image_model = tiny_model(STDiT)
+    state = {name: t for name, t in image_model.state_dict().items() if ".attn_temp." not in name}
+    state["x_embedder.proj.weight"] = state["x_embedder.proj.weight"].squeeze(2)  # PixArt's Conv2d
+    state["pos_embed"] = torch.randn(1, 99, 64)  # another image size: recomputed, not loaded
+    model = tiny_model(STDiT, seed=3)
+    model.init_from_image_model(state)
+    assert torch.equal(model.blocks[1].attn.qkv.weight, image_model.blocks[1].attn.qkv.weight)
+    assert not model.blocks[0].attn_temp.proj.weight.any()
+    x, timestep, y, mask = tiny_inputs()
+    changed = x.clone()
+    changed[:, :, 0] += 1.0  # the first frame only
+    with torch.no_grad():
+        out, out_changed = model(x, timestep, y, mask), model(changed, timestep, y, mask)
+    assert not torch.allclose(out[:, :, 0], out_changed[:, :, 0])
+    torch.testing.assert_close(out[:, :, 1:], out_changed[:, :, 1:], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="not an image checkpoint of this model"):
+        model.init_from_image_model({**state, "head.weight": torch.zeros(1)})
