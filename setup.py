@@ -79,7 +79,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["openvid_kernels*", "openvid_models*"]),
     install_requires=["torch>=2.11", "triton>=3.6", "einops", "nvidia-cutlass", "safetensors"],
-    extras_require={"test": ["pytest", "pytest-benchmark", "numpy"]},
+    # The models' VAE wrapper needs diffusers (AutoencoderKL); the kernels need neither.
+    extras_require={"models": ["diffusers"], "test": ["pytest", "pytest-benchmark", "numpy", "diffusers"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -4,5 +4,6 @@ from openvid_models.checkpoint import load_state_dict
 from openvid_models.configs import MODEL_SIZES
 from openvid_models.mvdit import MVDiT, MVDiTBlock
 from openvid_models.stdit import STDiT, STDiTBlock
+from openvid_models.vae import VideoAutoencoder
 
-__all__ = ["MODEL_SIZES", "MVDiT", "MVDiTBlock", "STDiT", "STDiTBlock", "load_state_dict"]
+__all__ = ["MODEL_SIZES", "MVDiT", "MVDiTBlock", "STDiT", "STDiTBlock", "VideoAutoencoder", "load_state_dict"]
