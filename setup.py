@@ -79,8 +79,12 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["openvid_kernels*", "openvid_models*"]),
     install_requires=["torch>=2.11", "triton>=3.6", "einops", "nvidia-cutlass", "safetensors"],
-    # The models' VAE wrapper needs diffusers (AutoencoderKL); the kernels need neither.
-    extras_require={"models": ["diffusers"], "test": ["pytest", "pytest-benchmark", "numpy", "diffusers"]},
+    # The models' VAE and T5 wrappers (diffusers' AutoencoderKL; transformers' T5 with the training-time caption
+    # cleaning of ftfy and BeautifulSoup); the kernels need none of them.
+    extras_require={
+        "models": ["diffusers", "transformers", "sentencepiece", "ftfy", "beautifulsoup4"],
+        "test": ["pytest", "pytest-benchmark", "numpy", "diffusers", "transformers", "ftfy", "beautifulsoup4"],
+    },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
