@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <utility>
 
 #include "adaln.cuh"
@@ -23,12 +24,39 @@ namespace {
 
 using OptTensor = std::optional<at::Tensor>;
 
+// Error messages are assembled here from strings and std::to_string, never by TORCH_CHECK's own formatting
+// (c10::str, an ostream): on the device machine, formatting a number through an ostream inside this extension
+// crashed the process (a segfault instead of the error); strings pass through TORCH_CHECK unharmed.
+std::string list_str(c10::IntArrayRef a) {
+  std::string s = "[";
+  for (size_t i = 0; i < a.size(); ++i) s += (i > 0 ? ", " : "") + std::to_string(a[i]);
+  return s + "]";
+}
+
+void append(std::string& s, const char* v) { s += v; }
+void append(std::string& s, const std::string& v) { s += v; }
+void append(std::string& s, c10::ScalarType v) { s += c10::toString(v); }
+void append(std::string& s, const c10::Device& v) { s += v.str(); }
+void append(std::string& s, c10::IntArrayRef v) { s += list_str(v); }
+template <typename T, std::enable_if_t<std::is_arithmetic_v<T>, int> = 0>
+void append(std::string& s, T v) {
+  s += std::to_string(v);
+}
+
+template <typename... Parts>
+std::string msg(const Parts&... parts) {
+  std::string s;
+  (append(s, parts), ...);
+  return s;
+}
+
 openvid::DType to_openvid_dtype(at::ScalarType t) {
   switch (t) {
     case at::kFloat: return openvid::DType::kFloat32;
     case at::kHalf: return openvid::DType::kFloat16;
     case at::kBFloat16: return openvid::DType::kBFloat16;
-    default: TORCH_CHECK(false, "openvid adaln: unsupported dtype ", t, " (float32, float16 and bfloat16 only)");
+    default:
+      TORCH_CHECK(false, msg("openvid adaln: unsupported dtype ", t, " (float32, float16 and bfloat16 only)"));
   }
 }
 
@@ -36,8 +64,8 @@ bool aligned16(const at::Tensor& t) { return reinterpret_cast<std::uintptr_t>(t.
 
 // `op` names the operation in the message ("openvid <op>: ...").
 void check_device(const at::Tensor& t, const char* name, const at::Device& device, const char* op = "adaln") {
-  TORCH_CHECK(t.is_cuda(), "openvid ", op, ": ", name, " must be a CUDA tensor, got one on ", t.device());
-  TORCH_CHECK(t.device() == device, "openvid ", op, ": ", name, " must be on ", device, ", got ", t.device());
+  TORCH_CHECK(t.is_cuda(), msg("openvid ", op, ": ", name, " must be a CUDA tensor, got one on ", t.device()));
+  TORCH_CHECK(t.device() == device, msg("openvid ", op, ": ", name, " must be on ", device, ", got ", t.device()));
 }
 
 // A [B, R, C] tensor of the element dtype: shape, contiguous last dimension, 16-byte aligned data, strides of
@@ -45,42 +73,41 @@ void check_device(const at::Tensor& t, const char* name, const at::Device& devic
 void check_rows(const at::Tensor& t, const char* name, const at::Device& device, at::ScalarType dtype, int64_t B,
                 int64_t R, int64_t C) {
   check_device(t, name, device);
-  TORCH_CHECK(t.scalar_type() == dtype, "openvid adaln: ", name, " must have dtype ", dtype, ", got ",
-              t.scalar_type());
-  TORCH_CHECK(t.dim() == 3 && t.size(0) == B && t.size(1) == R && t.size(2) == C, "openvid adaln: ", name,
-              " must have shape [", B, ", ", R, ", ", C, "], got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == dtype,
+              msg("openvid adaln: ", name, " must have dtype ", dtype, ", got ", t.scalar_type()));
+  TORCH_CHECK(t.dim() == 3 && t.size(0) == B && t.size(1) == R && t.size(2) == C,
+              msg("openvid adaln: ", name, " must have shape [", B, ", ", R, ", ", C, "], got ", t.sizes()));
   if (t.numel() == 0) return;
-  TORCH_CHECK(t.stride(2) == 1, "openvid adaln: ", name, " must have a contiguous last dimension, got strides ",
-              t.strides());
-  TORCH_CHECK(aligned16(t), "openvid adaln: ", name, " data pointer must be 16-byte aligned");
-  TORCH_CHECK((B <= 1 || t.stride(0) % 8 == 0) && (R <= 1 || t.stride(1) % 8 == 0), "openvid adaln: ", name,
-              " strides must be multiples of 8 elements, got ", t.strides());
+  TORCH_CHECK(t.stride(2) == 1,
+              msg("openvid adaln: ", name, " must have a contiguous last dimension, got strides ", t.strides()));
+  TORCH_CHECK(aligned16(t), msg("openvid adaln: ", name, " data pointer must be 16-byte aligned"));
+  TORCH_CHECK((B <= 1 || t.stride(0) % 8 == 0) && (R <= 1 || t.stride(1) % 8 == 0),
+              msg("openvid adaln: ", name, " strides must be multiples of 8 elements, got ", t.strides()));
 }
 
 // fp32 contiguous statistics [B * N].
 void check_stats(const at::Tensor& t, const char* name, const at::Device& device, int64_t rows) {
   check_device(t, name, device);
-  TORCH_CHECK(t.scalar_type() == at::kFloat, "openvid adaln: ", name, " must be float32, got ", t.scalar_type());
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == rows && t.is_contiguous(), "openvid adaln: ", name,
-              " must be a contiguous 1-D tensor of ", rows, " elements, got sizes ", t.sizes(), " strides ",
-              t.strides());
+  TORCH_CHECK(t.scalar_type() == at::kFloat, msg("openvid adaln: ", name, " must be float32, got ", t.scalar_type()));
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == rows && t.is_contiguous(),
+              msg("openvid adaln: ", name, " must be a contiguous 1-D tensor of ", rows, " elements, got sizes ",
+                  t.sizes(), " strides ", t.strides()));
 }
 
 // fp32 contiguous partial sums [B, G, K, C].
 void check_partial(const at::Tensor& t, const char* name, const at::Device& device, int64_t B, int64_t G, int64_t K,
                    int64_t C) {
   check_device(t, name, device);
-  TORCH_CHECK(t.scalar_type() == at::kFloat, "openvid adaln: ", name, " must be float32, got ", t.scalar_type());
-  TORCH_CHECK(t.dim() == 4 && t.size(0) == B && t.size(1) == G && t.size(2) == K && t.size(3) == C &&
-                  t.is_contiguous(),
-              "openvid adaln: ", name, " must be a contiguous [", B, ", ", G, ", ", K, ", ", C, "] tensor, got sizes ",
-              t.sizes(), " strides ", t.strides());
-  TORCH_CHECK(t.numel() == 0 || aligned16(t), "openvid adaln: ", name, " data pointer must be 16-byte aligned");
+  TORCH_CHECK(t.scalar_type() == at::kFloat, msg("openvid adaln: ", name, " must be float32, got ", t.scalar_type()));
+  TORCH_CHECK(t.dim() == 4 && t.size(0) == B && t.size(1) == G && t.size(2) == K && t.size(3) == C && t.is_contiguous(),
+              msg("openvid adaln: ", name, " must be a contiguous [", B, ", ", G, ", ", K, ", ", C,
+                  "] tensor, got sizes ", t.sizes(), " strides ", t.strides()));
+  TORCH_CHECK(t.numel() == 0 || aligned16(t), msg("openvid adaln: ", name, " data pointer must be 16-byte aligned"));
 }
 
 void check_c(int64_t C) {
-  TORCH_CHECK(C >= 1 && C <= openvid::kAdaLNMaxC && C % 8 == 0, "openvid adaln: C must be a multiple of 8 in [8, ",
-              openvid::kAdaLNMaxC, "], got ", C);
+  TORCH_CHECK(C >= 1 && C <= openvid::kAdaLNMaxC && C % 8 == 0,
+              msg("openvid adaln: C must be a multiple of 8 in [8, ", openvid::kAdaLNMaxC, "], got ", C));
 }
 
 template <typename P>
@@ -89,8 +116,8 @@ openvid::Strided3D<P> rows_of(const at::Tensor& t) {
 }
 
 void raise_on_error(cudaError_t err, const char* kernel) {
-  TORCH_CHECK(err == cudaSuccess, "openvid: ", kernel, " failed: ", cudaGetErrorName(err), " (",
-              cudaGetErrorString(err), ")");
+  TORCH_CHECK(err == cudaSuccess,
+              msg("openvid: ", kernel, " failed: ", cudaGetErrorName(err), " (", cudaGetErrorString(err), ")"));
 }
 
 void adaln_forward(const at::Tensor& x, const OptTensor& y, const OptTensor& gate, const at::Tensor& shift,
@@ -99,12 +126,12 @@ void adaln_forward(const at::Tensor& x, const OptTensor& y, const OptTensor& gat
   const bool residual = y.has_value();
   TORCH_CHECK(gate.has_value() == residual && x_out.has_value() == residual,
               "openvid adaln_forward: y, gate and x_out must be given together (residual mode) or all be None");
-  TORCH_CHECK(x.dim() == 3, "openvid adaln_forward: x must be 3-D [B, N, C], got sizes ", x.sizes());
-  TORCH_CHECK(shift.dim() == 3, "openvid adaln_forward: shift must be 3-D [B, G, C], got sizes ", shift.sizes());
+  TORCH_CHECK(x.dim() == 3, msg("openvid adaln_forward: x must be 3-D [B, N, C], got sizes ", x.sizes()));
+  TORCH_CHECK(shift.dim() == 3, msg("openvid adaln_forward: shift must be 3-D [B, G, C], got sizes ", shift.sizes()));
   const int64_t B = x.size(0), N = x.size(1), C = x.size(2), G = shift.size(1);
   check_c(C);
-  TORCH_CHECK(G >= 1 && N % G == 0, "openvid adaln_forward: N (", N, ") must be a multiple of G (", G, ")");
-  TORCH_CHECK(eps >= 0.0, "openvid adaln_forward: eps must be >= 0, got ", eps);
+  TORCH_CHECK(G >= 1 && N % G == 0, msg("openvid adaln_forward: N (", N, ") must be a multiple of G (", G, ")"));
+  TORCH_CHECK(eps >= 0.0, msg("openvid adaln_forward: eps must be >= 0, got ", eps));
   const at::Device device = x.device();
   const at::ScalarType dtype = x.scalar_type();
   to_openvid_dtype(dtype);  // rejects other dtypes
@@ -153,16 +180,17 @@ void adaln_backward(const at::Tensor& grad_h, const OptTensor& grad_x_out, const
               "openvid adaln_backward: y, gate, grad_y and partial_gate must be given together (residual mode) or "
               "all be None");
   TORCH_CHECK(residual || !grad_x_out.has_value(), "openvid adaln_backward: grad_x_out is only for residual mode");
-  TORCH_CHECK(grad_h.dim() == 3, "openvid adaln_backward: grad_h must be 3-D [B, N, C], got sizes ", grad_h.sizes());
-  TORCH_CHECK(scale.dim() == 3, "openvid adaln_backward: scale must be 3-D [B, G, C], got sizes ", scale.sizes());
-  TORCH_CHECK(partial_shift.dim() == 4, "openvid adaln_backward: partial_shift must be 4-D [B, G, K, C], got sizes ",
-              partial_shift.sizes());
+  TORCH_CHECK(grad_h.dim() == 3,
+              msg("openvid adaln_backward: grad_h must be 3-D [B, N, C], got sizes ", grad_h.sizes()));
+  TORCH_CHECK(scale.dim() == 3, msg("openvid adaln_backward: scale must be 3-D [B, G, C], got sizes ", scale.sizes()));
+  TORCH_CHECK(partial_shift.dim() == 4,
+              msg("openvid adaln_backward: partial_shift must be 4-D [B, G, K, C], got sizes ", partial_shift.sizes()));
   const int64_t B = grad_h.size(0), N = grad_h.size(1), C = grad_h.size(2), G = scale.size(1);
   const int64_t K = partial_shift.size(2);
   check_c(C);
-  TORCH_CHECK(G >= 1 && N % G == 0, "openvid adaln_backward: N (", N, ") must be a multiple of G (", G, ")");
-  TORCH_CHECK(K >= 1, "openvid adaln_backward: partial_*.size(2) (K) must be >= 1, got ", K);
-  TORCH_CHECK(N <= INT32_MAX, "openvid adaln_backward: N must fit in 32 bits, got ", N);
+  TORCH_CHECK(G >= 1 && N % G == 0, msg("openvid adaln_backward: N (", N, ") must be a multiple of G (", G, ")"));
+  TORCH_CHECK(K >= 1, msg("openvid adaln_backward: partial_*.size(2) (K) must be >= 1, got ", K));
+  TORCH_CHECK(N <= INT32_MAX, msg("openvid adaln_backward: N must fit in 32 bits, got ", N));
   const at::Device device = grad_h.device();
   const at::ScalarType dtype = grad_h.scalar_type();
   to_openvid_dtype(dtype);
@@ -218,7 +246,8 @@ openvid::DType to_temporal_dtype(at::ScalarType t) {
   switch (t) {
     case at::kHalf: return openvid::DType::kFloat16;
     case at::kBFloat16: return openvid::DType::kBFloat16;
-    default: TORCH_CHECK(false, "openvid temporal_attention: unsupported dtype ", t, " (float16 and bfloat16 only)");
+    default:
+      TORCH_CHECK(false, msg("openvid temporal_attention: unsupported dtype ", t, " (float16 and bfloat16 only)"));
   }
 }
 
@@ -227,44 +256,44 @@ openvid::DType to_temporal_dtype(at::ScalarType t) {
 void check_frames(const at::Tensor& t, const char* name, const at::Device& device, at::ScalarType dtype, int64_t B,
                   int64_t T, int64_t S, int64_t H, int64_t D) {
   check_device(t, name, device, kTA);
-  TORCH_CHECK(t.scalar_type() == dtype, "openvid temporal_attention: ", name, " must have dtype ", dtype, ", got ",
-              t.scalar_type());
-  TORCH_CHECK(t.dim() == 5 && t.size(0) == B && t.size(1) == T && t.size(2) == S && t.size(3) == H &&
-                  t.size(4) == D,
-              "openvid temporal_attention: ", name, " must have shape [B, T, S, H, D] = [", B, ", ", T, ", ", S, ", ",
-              H, ", ", D, "], got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == dtype,
+              msg("openvid temporal_attention: ", name, " must have dtype ", dtype, ", got ", t.scalar_type()));
+  TORCH_CHECK(t.dim() == 5 && t.size(0) == B && t.size(1) == T && t.size(2) == S && t.size(3) == H && t.size(4) == D,
+              msg("openvid temporal_attention: ", name, " must have shape [B, T, S, H, D] = [", B, ", ", T, ", ", S,
+                  ", ", H, ", ", D, "], got ", t.sizes()));
   if (t.numel() == 0) return;
-  TORCH_CHECK(t.stride(4) == 1, "openvid temporal_attention: ", name,
-              " must have a contiguous head dim (stride(4) == 1), got strides ", t.strides());
-  TORCH_CHECK(aligned16(t), "openvid temporal_attention: ", name, " data pointer must be 16-byte aligned");
+  TORCH_CHECK(t.stride(4) == 1, msg("openvid temporal_attention: ", name,
+                                    " must have a contiguous head dim (stride(4) == 1), got strides ", t.strides()));
+  TORCH_CHECK(aligned16(t), msg("openvid temporal_attention: ", name, " data pointer must be 16-byte aligned"));
   for (int d = 0; d < 4; ++d) {
-    TORCH_CHECK(t.size(d) <= 1 || t.stride(d) % 8 == 0, "openvid temporal_attention: ", name,
-                " strides must be multiples of 8 elements, got ", t.strides());
+    TORCH_CHECK(
+        t.size(d) <= 1 || t.stride(d) % 8 == 0,
+        msg("openvid temporal_attention: ", name, " strides must be multiples of 8 elements, got ", t.strides()));
   }
 }
 
 // fp32 contiguous softmax statistics [B, S, H, T].
 void check_lse(const at::Tensor& t, const at::Device& device, int64_t B, int64_t S, int64_t H, int64_t T) {
   check_device(t, "lse", device, kTA);
-  TORCH_CHECK(t.scalar_type() == at::kFloat, "openvid temporal_attention: lse must be float32, got ", t.scalar_type());
-  TORCH_CHECK(t.dim() == 4 && t.size(0) == B && t.size(1) == S && t.size(2) == H && t.size(3) == T &&
-                  t.is_contiguous(),
-              "openvid temporal_attention: lse must be a contiguous [B, S, H, T] = [", B, ", ", S, ", ", H, ", ", T,
-              "] tensor, got sizes ", t.sizes(), " strides ", t.strides());
+  TORCH_CHECK(t.scalar_type() == at::kFloat,
+              msg("openvid temporal_attention: lse must be float32, got ", t.scalar_type()));
+  TORCH_CHECK(t.dim() == 4 && t.size(0) == B && t.size(1) == S && t.size(2) == H && t.size(3) == T && t.is_contiguous(),
+              msg("openvid temporal_attention: lse must be a contiguous [B, S, H, T] = [", B, ", ", S, ", ", H, ", ", T,
+                  "] tensor, got sizes ", t.sizes(), " strides ", t.strides()));
 }
 
 // Shape [B, T, S, H, D] of q; checks T and D against the kernels' limits and the scale.
 std::array<int64_t, 5> temporal_shape(const at::Tensor& q, double softmax_scale) {
-  TORCH_CHECK(q.dim() == 5, "openvid temporal_attention: q must be 5-D [B, T, S, H, D], got sizes ", q.sizes());
+  TORCH_CHECK(q.dim() == 5, msg("openvid temporal_attention: q must be 5-D [B, T, S, H, D], got sizes ", q.sizes()));
   const int64_t T = q.size(1), D = q.size(4);
-  TORCH_CHECK(T >= 1 && T <= openvid::kTemporalAttentionMaxT,
-              "openvid temporal_attention: T (q.size(1)) must be in [1, ", openvid::kTemporalAttentionMaxT,
-              "], got ", T);
+  TORCH_CHECK(
+      T >= 1 && T <= openvid::kTemporalAttentionMaxT,
+      msg("openvid temporal_attention: T (q.size(1)) must be in [1, ", openvid::kTemporalAttentionMaxT, "], got ", T));
   TORCH_CHECK(D >= 8 && D <= openvid::kTemporalAttentionMaxD && D % 8 == 0,
-              "openvid temporal_attention: D (q.size(4)) must be a multiple of 8 in [8, ",
-              openvid::kTemporalAttentionMaxD, "], got ", D);
-  TORCH_CHECK(std::isfinite(softmax_scale), "openvid temporal_attention: softmax_scale must be finite, got ",
-              softmax_scale);
+              msg("openvid temporal_attention: D (q.size(4)) must be a multiple of 8 in [8, ",
+                  openvid::kTemporalAttentionMaxD, "], got ", D));
+  TORCH_CHECK(std::isfinite(softmax_scale),
+              msg("openvid temporal_attention: softmax_scale must be finite, got ", softmax_scale));
   return {q.size(0), T, q.size(2), q.size(3), D};
 }
 
@@ -347,14 +376,6 @@ void temporal_attention_backward(const at::Tensor& dout, const at::Tensor& q, co
 
 // ---- spatial attention ----------------------------------------------------------------------------------
 
-// The messages of this section are assembled from strings and std::to_string, without iostreams (c10::str and
-// std::ostringstream): on the device machine, building such a message with numbers in it through an ostream
-// crashed the process (a segfault instead of the error; .device/text/NOTES.md).
-std::string list_str(c10::IntArrayRef a) {
-  std::string s = "[";
-  for (size_t i = 0; i < a.size(); ++i) s += (i > 0 ? ", " : "") + std::to_string(a[i]);
-  return s + "]";
-}
 
 // The problem with a tensor's device (a CUDA tensor on `device`), or an empty string.
 std::string spatial_device_problem(const at::Tensor& t, const char* name, const at::Device& device) {
