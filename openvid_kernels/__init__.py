@@ -4,7 +4,7 @@ Every op is a ``torch.library`` custom op with autograd and ``torch.compile`` su
 ``backend=None | "auto" | "cuda" | "triton" | "reference"`` (see :mod:`openvid_kernels.backends`).
 """
 
-from openvid_kernels.adaln import gated_residual_layernorm_modulate, layernorm_modulate
+from openvid_kernels.adaln import gated_residual, gated_residual_layernorm_modulate, layernorm_modulate
 from openvid_kernels.backends import cuda_extension_available, default_backend, use_backend
 from openvid_kernels.cross import cross_attention
 from openvid_kernels.joint import joint_attention
@@ -17,6 +17,7 @@ __all__ = [
     "cross_attention",
     "cuda_extension_available",
     "default_backend",
+    "gated_residual",
     "gated_residual_layernorm_modulate",
     "joint_attention",
     "layernorm_modulate",

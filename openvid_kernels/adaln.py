@@ -7,7 +7,8 @@ In STDiT/MVDiT (adaLN-single, as in PixArt-alpha) every sub-layer does::
 
 :func:`layernorm_modulate` is the first line in one pass over memory. :func:`gated_residual_layernorm_modulate`
 fuses the residual step of one sub-layer with the modulated LayerNorm of the next:
-``x_new = x + gate * y; h = LayerNorm(x_new) * (1 + scale) + shift``, returning both.
+``x_new = x + gate * y; h = LayerNorm(x_new) * (1 + scale) + shift``, returning both. :func:`gated_residual`
+is the residual step alone, for a sum that feeds no LayerNorm.
 
 Shapes: ``x``/``y`` are ``[B, N, C]``; each modulation tensor (shift, scale, gate, all of one shape) is one of
   * ``[B, C]`` or ``[B, 1, C]``: per sample;
@@ -52,11 +53,16 @@ def layernorm_modulate_reference(x, shift, scale, eps: float = 1e-6):
     return (normed * (1 + scale.unsqueeze(2)) + shift.unsqueeze(2)).flatten(1, 2)
 
 
-def gated_residual_layernorm_modulate_reference(x, y, gate, shift, scale, eps: float = 1e-6):
-    """Plain-PyTorch ``x_new = x + gate * y; h = LayerNorm(x_new) * (1 + scale) + shift``; returns both."""
+def gated_residual_reference(x, y, gate):
+    """Plain-PyTorch ``x + gate * y`` (the product rounded to x's dtype before the sum)."""
     gate = _grouped(gate, x, "gate")
     groups = gate.shape[1]
-    x_new = (_by_group(x, groups) + gate.unsqueeze(2) * _by_group(y, groups)).flatten(1, 2)
+    return (_by_group(x, groups) + gate.unsqueeze(2) * _by_group(y, groups)).flatten(1, 2)
+
+
+def gated_residual_layernorm_modulate_reference(x, y, gate, shift, scale, eps: float = 1e-6):
+    """Plain-PyTorch ``x_new = x + gate * y; h = LayerNorm(x_new) * (1 + scale) + shift``; returns both."""
+    x_new = gated_residual_reference(x, y, gate)
     return x_new, layernorm_modulate_reference(x_new, shift, scale, eps)
 
 
@@ -346,3 +352,19 @@ def gated_residual_layernorm_modulate(
     gate_g, shift_g, scale_g = (_grouped(t, x, n) for t, n in ((gate, "gate"), (shift, "shift"), (scale, "scale")))
     x_out, h, _, _ = _gated_residual_fwd(x, y, gate_g, shift_g, scale_g, float(eps), name)
     return x_out, h
+
+
+def gated_residual(x, y, gate, backend: str | None = None) -> torch.Tensor:
+    """The residual step ``x + gate * y`` of a sub-layer whose sum feeds no LayerNorm (otherwise use
+    :func:`gated_residual_layernorm_modulate`), in one pass over memory.
+
+    ``x``, ``y``: ``[B, N, C]``; ``gate``: a modulation shape (see :func:`layernorm_modulate`). On the kernel
+    backends this is ``torch.addcmul``: one fused elementwise pass in fp32 with one rounding, instead of the
+    reference's two passes (a product rounded to x's dtype, then the sum). Differentiable in all three.
+    """
+    _check_inputs(x, y, {"gate": gate})
+    if backends.resolve_backend(backend, x.device) == "reference":
+        return gated_residual_reference(x, y, gate)
+    gate = _grouped(gate, x, "gate")
+    groups = gate.shape[1]
+    return torch.addcmul(_by_group(x, groups), gate.unsqueeze(2), _by_group(y, groups)).flatten(1, 2)

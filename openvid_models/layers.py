@@ -10,6 +10,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 import openvid_kernels as ok
@@ -44,7 +45,9 @@ def sincos_temporal(embed_dim: int, length: int, scale: float = 1.0) -> torch.Te
 # ---------------------------------------------------------------------------------------------------------
 
 class PatchEmbed3D(nn.Module):
-    """``[B, C, T, H, W]`` video latents to ``[B, T*S, hidden]`` tokens (frame-major), by a strided Conv3d."""
+    """``[B, C, T, H, W]`` video latents to contiguous ``[B, T*S, hidden]`` tokens (frame-major): the released
+    strided Conv3d, computed as one GEMM over the flattened patches. (The convolution's output, transposed to
+    tokens, would leave every later activation channel-strided and cost a copy or a slow strided pass per op.)"""
 
     def __init__(self, patch_size: tuple[int, int, int], in_channels: int, hidden_size: int):
         super().__init__()
@@ -55,7 +58,9 @@ class PatchEmbed3D(nn.Module):
         pads = [(-size) % patch for size, patch in zip(x.shape[2:], self.patch_size)]  # T, H, W
         if any(pads):
             x = F.pad(x, (0, pads[2], 0, pads[1], 0, pads[0]))
-        return self.proj(x).flatten(2).transpose(1, 2)
+        pt, ph, pw = self.patch_size
+        patches = rearrange(x, "B c (t pt) (h ph) (w pw) -> B (t h w) (c pt ph pw)", pt=pt, ph=ph, pw=pw)
+        return F.linear(patches, self.proj.weight.flatten(1), self.proj.bias)
 
 
 class TimestepEmbedder(nn.Module):

@@ -72,8 +72,8 @@ class MVDiTBlock(nn.Module):
                              y_lens, T)
         x, x_t = ok.gated_residual_layernorm_modulate(x, x_s, gate, shift_temp, scale_temp)
         y, y_t = ok.gated_residual_layernorm_modulate(y, y_s, gate_y, shift_y_temp, scale_y_temp)
-        x = x + gate_temp * self.attn_temp(add_temporal_pos_embed(x_t, temporal_pos_embed, T), T)
-        y = y + gate_y_temp * self.attn_temp(add_temporal_pos_embed(y_t, temporal_pos_embed, T), T)
+        x = ok.gated_residual(x, self.attn_temp(add_temporal_pos_embed(x_t, temporal_pos_embed, T), T), gate_temp)
+        y = ok.gated_residual(y, self.attn_temp(add_temporal_pos_embed(y_t, temporal_pos_embed, T), T), gate_y_temp)
 
         B = x.shape[0]
         frame_lens = y_lens[:, None].expand(B, T).reshape(B * T)
@@ -81,8 +81,8 @@ class MVDiTBlock(nn.Module):
         cross = self.cross_attn(*per_frame, frame_lens)
         x, h = ok.gated_residual_layernorm_modulate(x, cross.unflatten(0, (B, T)).flatten(1, 2),
                                                     torch.ones_like(gate_mlp), shift_mlp, scale_mlp)
-        x = x + gate_mlp * self.mlp(h)
-        y = y + gate_mlp_y * self.mlp_y(ok.layernorm_modulate(y, shift_mlp_y, scale_mlp_y))
+        x = ok.gated_residual(x, self.mlp(h), gate_mlp)
+        y = ok.gated_residual(y, self.mlp_y(ok.layernorm_modulate(y, shift_mlp_y, scale_mlp_y)), gate_mlp_y)
         return x, y
 
 

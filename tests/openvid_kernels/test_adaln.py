@@ -89,6 +89,27 @@ def test_gated_residual_layernorm_modulate_matches_reference(device, backend, dt
     )
 
 
+@pytest.mark.parametrize("device,backend,dtype", KERNEL_CONFIGS)
+@pytest.mark.parametrize("B,N,C,kind", SHAPES[:5])
+def test_gated_residual_matches_reference(device, backend, dtype, B, N, C, kind):
+    torch.manual_seed(2)
+    factory = dict(device=device, dtype=dtype)
+    x, y = torch.randn(B, N, C, **factory), torch.randn(B, N, C, **factory)
+    (gate,) = make_modulation(kind, B, N, C, 1, **factory)
+    check_against_reference(
+        lambda *t: ok.gated_residual(*t, backend=backend), adaln.gated_residual_reference,
+        (x, y, gate), (torch.randn(B, N, C, **factory),), dtype, ("x", "y", "gate"),
+    )
+
+
+def test_gated_residual_rejects_mismatched_shapes():
+    x = torch.randn(2, 6, 8)
+    with pytest.raises(ValueError, match="y must have x's shape"):
+        ok.gated_residual(x, torch.randn(2, 5, 8), torch.randn(2, 1, 8))
+    with pytest.raises(ValueError, match="gate must have shape"):
+        ok.gated_residual(x, torch.randn(2, 6, 8), torch.randn(2, 4, 1, 8))
+
+
 @pytest.mark.parametrize("device,backend,dtype", KERNEL_CONFIGS[:1] + KERNEL_CONFIGS[2:3])
 def test_gated_residual_with_only_h_used(device, backend, dtype):
     torch.manual_seed(2)
