@@ -80,10 +80,11 @@ setup(
     packages=find_packages(include=["openvid_kernels*", "openvid_models*"]),
     install_requires=["torch>=2.11", "triton>=3.6", "einops", "nvidia-cutlass", "safetensors"],
     # The models' VAE and T5 wrappers (diffusers' AutoencoderKL; transformers' T5 with the training-time caption
-    # cleaning of ftfy and BeautifulSoup); the kernels need none of them.
+    # cleaning of ftfy and BeautifulSoup) and video reading/writing (PyAV); the kernels need none of them.
     extras_require={
-        "models": ["diffusers", "transformers", "sentencepiece", "ftfy", "beautifulsoup4"],
-        "test": ["pytest", "pytest-benchmark", "numpy", "diffusers", "transformers", "ftfy", "beautifulsoup4"],
+        "models": ["diffusers", "transformers", "sentencepiece", "ftfy", "beautifulsoup4", "av", "tqdm"],
+        "test": ["pytest", "pytest-benchmark", "numpy", "diffusers", "transformers", "ftfy", "beautifulsoup4", "av",
+                 "tqdm"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -5,7 +5,7 @@ import torch
 
 from openvid_models import STDiT
 from openvid_models.text_encoder import T5TextEncoder, clean_caption, null_caption
-from tests.openvid_models.utils import tiny_model
+from tests.openvid_models.utils import save_tiny_t5, tiny_model
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -28,17 +28,8 @@ def test_captions_are_cleaned_as_in_training(raw, clean):
 
 
 def tiny_encoder(tmp_path, length=6):
-    words = ["<pad>", "</s>", "<unk>", "a", "dog", "runs", "on", "the", "beach", "."]
-    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    backend.post_processor = tokenizers.processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>",
-                                                     unk_token="<unk>")
-    torch.manual_seed(0)
-    config = transformers.T5Config(vocab_size=len(words), d_model=24, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
-    transformers.T5EncoderModel(config).save_pretrained(tmp_path / "t5")
-    tokenizer.save_pretrained(tmp_path / "t5")
-    return T5TextEncoder.from_pretrained(tmp_path / "t5", device="cpu", dtype=torch.float32, model_max_length=length)
+    return T5TextEncoder.from_pretrained(save_tiny_t5(tmp_path / "t5"), device="cpu", dtype=torch.float32,
+                                         model_max_length=length)
 
 
 def test_encode_pads_to_the_max_length_with_a_mask_of_real_tokens(tmp_path):

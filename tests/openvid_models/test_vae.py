@@ -4,16 +4,9 @@ import pytest
 import torch
 
 from openvid_models.vae import SCALING_FACTOR, VideoAutoencoder
+from tests.openvid_models.utils import tiny_vae
 
-diffusers = pytest.importorskip("diffusers")
-
-
-def tiny_vae():
-    torch.manual_seed(0)
-    return diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), layers_per_block=1,
-        norm_num_groups=8, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-    ).eval()
+pytest.importorskip("diffusers")
 
 
 def test_frames_are_coded_one_by_one_in_any_micro_batch(tmp_path):

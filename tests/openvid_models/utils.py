@@ -46,6 +46,38 @@ def tiny_inputs(batch=2, seed=1, lens=(3, 7)):
     return x, timestep, y, mask
 
 
+TINY_T5_WORDS = ["<pad>", "</s>", "<unk>", "a", "dog", "runs", "on", "the", "beach", "."]
+
+
+def save_tiny_t5(directory: Path, words=TINY_T5_WORDS, d_model: int = 24) -> Path:
+    """A randomly initialised one-layer T5 encoder (``d_model`` channels, the tiny models' caption width) and a
+    word-level tokenizer over ``words``, saved as a local transformers directory."""
+    import tokenizers  # noqa: PLC0415  (only the text encoder tests need transformers)
+    import transformers  # noqa: PLC0415
+
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    backend.post_processor = tokenizers.processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>",
+                                                     unk_token="<unk>")
+    torch.manual_seed(0)
+    config = transformers.T5Config(vocab_size=len(words), d_model=d_model, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
+    transformers.T5EncoderModel(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def tiny_vae():
+    """A randomly initialised AutoencoderKL with 4 latent channels and 2x downsampling."""
+    import diffusers  # noqa: PLC0415  (only the VAE tests need diffusers)
+
+    torch.manual_seed(0)
+    return diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+        norm_num_groups=8, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+    ).eval()
+
+
 def attention(q, k, v, key_mask=None):
     """Explicit softmax attention of ``[N, Lq, H, D]`` queries over ``[N, Lk, H, D]`` keys; ``[N, Lq, H*D]``."""
     scores = torch.einsum("nqhd,nkhd->nhqk", q, k) * q.shape[-1] ** -0.5
