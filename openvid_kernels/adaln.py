@@ -304,6 +304,37 @@ def _gated_residual_grad(ctx, grad_x_out, grad_h, _grad_mean, _grad_rstd):
 _gated_residual_fwd.register_autograd(_gated_residual_grad, setup_context=_gated_residual_setup)
 
 
+@torch.library.custom_op("openvid::gated_residual_fwd", mutates_args=())
+def _residual_fwd(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    x, y, gate = map(_unit_channel_stride, (x, y, gate))
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    triton_adaln.gated_residual(x, y, gate, out)
+    return out
+
+
+@_residual_fwd.register_fake
+def _(x, y, gate):
+    return x.new_empty(x.shape)
+
+
+def _residual_setup(ctx, inputs, output):
+    _, y, gate = inputs
+    ctx.save_for_backward(y, gate)
+
+
+def _residual_grad(ctx, grad_out):
+    y, gate = ctx.saved_tensors
+    groups = gate.shape[1]
+    grad_by_group = _by_group(grad_out, groups)
+    grad_y = (grad_by_group * gate.unsqueeze(2)).flatten(1, 2)
+    # As torch.addcmul's own backward: the product in the input dtype, summed with fp32 accumulation.
+    grad_gate = (grad_by_group * _by_group(y, groups)).sum(2)
+    return grad_out, grad_y, grad_gate
+
+
+_residual_fwd.register_autograd(_residual_grad, setup_context=_residual_setup)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Public API
 # ---------------------------------------------------------------------------------------------------------
@@ -358,13 +389,13 @@ def gated_residual(x, y, gate, backend: str | None = None) -> torch.Tensor:
     """The residual step ``x + gate * y`` of a sub-layer whose sum feeds no LayerNorm (otherwise use
     :func:`gated_residual_layernorm_modulate`), in one pass over memory.
 
-    ``x``, ``y``: ``[B, N, C]``; ``gate``: a modulation shape (see :func:`layernorm_modulate`). On the kernel
-    backends this is ``torch.addcmul``: one fused elementwise pass in fp32 with one rounding, instead of the
-    reference's two passes (a product rounded to x's dtype, then the sum). Differentiable in all three.
+    ``x``, ``y``: ``[B, N, C]``; ``gate``: a modulation shape (see :func:`layernorm_modulate`). The kernel
+    (Triton, for every kernel backend: the step is a pure stream of memory) computes in fp32 with one rounding,
+    where the reference makes two passes (a product rounded to x's dtype, then the sum). Differentiable in all
+    three; the backward is plain PyTorch (one product and one reduction per gradient).
     """
     _check_inputs(x, y, {"gate": gate})
     if backends.resolve_backend(backend, x.device) == "reference":
         return gated_residual_reference(x, y, gate)
-    gate = _grouped(gate, x, "gate")
-    groups = gate.shape[1]
-    return torch.addcmul(_by_group(x, groups), gate.unsqueeze(2), _by_group(y, groups)).flatten(1, 2)
+    _check_kernel_limits(x)
+    return _residual_fwd(x, y, _grouped(gate, x, "gate"))

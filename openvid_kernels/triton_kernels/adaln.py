@@ -117,6 +117,45 @@ def _adaln_backward_kernel(
         tl.store(PARTIAL_GATE + slot, acc_gate, mask=mask)
 
 
+@triton.jit
+def _gated_residual_kernel(
+    X, Y, GATE, OUT,
+    rows, N, C, group_size,
+    stride_x_b, stride_x_n, stride_y_b, stride_y_n, stride_gate_b, stride_gate_g, stride_o_b, stride_o_n,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    # out = x + gate * y in fp32, one rounding. A 2-D grid of [BLOCK_ROWS, BLOCK_C] tiles: the gate row is
+    # gathered per token (it stays in L1/L2), so broadcasting costs no extra pass as torch.addcmul's does.
+    row = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    cols = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C))[None, :]
+    b = (row // N)[:, None]
+    n = (row % N)[:, None]
+    g = n // group_size
+    mask = (row < rows)[:, None] & (cols < C)
+    x = tl.load(X + b * stride_x_b + n * stride_x_n + cols, mask=mask, other=0.0).to(tl.float32)
+    y = tl.load(Y + b * stride_y_b + n * stride_y_n + cols, mask=mask, other=0.0).to(tl.float32)
+    gate = tl.load(GATE + b * stride_gate_b + g * stride_gate_g + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(OUT + b * stride_o_b + n * stride_o_n + cols, (x + gate * y).to(OUT.dtype.element_ty), mask=mask)
+
+
+GATED_RESIDUAL_BLOCK_C = 256
+GATED_RESIDUAL_TILE_ELEMENTS = 4096
+
+
+def gated_residual(x, y, gate, out) -> None:
+    """``out = x + gate * y``: token tensors ``[B, N, C]``, gate ``[B, G, C]``, all with unit channel stride."""
+    B, N, C = x.shape
+    block_c = min(GATED_RESIDUAL_BLOCK_C, triton.next_power_of_2(C))
+    block_rows = GATED_RESIDUAL_TILE_ELEMENTS // block_c
+    grid = (triton.cdiv(B * N, block_rows), triton.cdiv(C, block_c))
+    _gated_residual_kernel[grid](
+        x, y, gate, out, B * N, N, C, N // gate.shape[1],
+        *_strides(x), *_strides(y), *_strides(gate), *_strides(out),
+        BLOCK_ROWS=block_rows, BLOCK_C=block_c, num_warps=4,
+    )
+
+
 # Launch shapes tuned on an H100 at bf16 C = 1152 (benchmarks/sweep_adaln.py): two rows of 2048 lanes per
 # forward program and four warps for either kernel beat wider tiles and more warps.
 FORWARD_TILE_ELEMENTS = 4096

@@ -166,6 +166,7 @@ def test_opcheck(device, backend, dtype):
     torch.library.opcheck(
         torch.ops.openvid.gated_residual_layernorm_modulate_fwd.default, (x, y, gate, shift, scale, 1e-6, backend)
     )
+    torch.library.opcheck(torch.ops.openvid.gated_residual_fwd.default, (x, y, gate))
     # Backward ops have no autograd formula of their own (no double backward): check them on plain tensors.
     x, y, gate, shift, scale = (t.detach() for t in (x, y, gate, shift, scale))
     x_new, h, mean, rstd = torch.ops.openvid.gated_residual_layernorm_modulate_fwd(
@@ -182,10 +183,10 @@ def test_opcheck(device, backend, dtype):
 
 def two_sublayers(x, y, mods, backend):
     """A modulated LayerNorm, a stand-in sub-layer, then the fused residual step, as in an STDiT block."""
-    shift1, scale1, gate1, shift2, scale2, _ = mods.chunk(6, dim=1)
+    shift1, scale1, gate1, shift2, scale2, gate2 = mods.chunk(6, dim=1)
     h = ok.layernorm_modulate(x, shift1, scale1, backend=backend)
     x, h = ok.gated_residual_layernorm_modulate(x, h * y, gate1, shift2, scale2, backend=backend)
-    return x + h
+    return ok.gated_residual(x, h, gate2, backend=backend)
 
 
 @pytest.mark.parametrize("device,backend,dtype", KERNEL_CONFIGS[:1] + KERNEL_CONFIGS[2:3])
