@@ -103,3 +103,20 @@ def test_write_video_round_trips_frames_and_pads_odd_sizes(tmp_path):
     assert abs(int(decoded[2][7, 3, 0]) - 255) < 12 and abs(int(decoded[2][7, 12, 0]) - 128) < 12
     with pytest.raises(ValueError, match="uint8"):
         write_video(tmp_path / "bad.mp4", frames.float())
+
+
+@pytest.mark.gpu
+def test_cuda_graphed_dit_replays_the_models_forward():
+    from openvid_models.sample import CUDAGraphed  # noqa: PLC0415
+
+    model = tiny_model(STDiT).cuda()
+    graphed = CUDAGraphed(model)
+    for batch, step in ((2, 10), (4, 500), (2, 900)):  # a new shape captures again; a known one replays
+        torch.manual_seed(batch + step)
+        x = torch.randn(batch, 4, 3, 6, 10, device="cuda")
+        timestep = torch.full((batch,), step, device="cuda")
+        y = torch.randn(batch, 1, 7, 24, device="cuda")
+        mask = (torch.arange(7, device="cuda") < 4).expand(batch // 2, 7).long()
+        with torch.no_grad():
+            torch.testing.assert_close(graphed(x, timestep, y, mask), model(x, timestep, y, mask))
+    assert len(graphed.graphs) == 2
