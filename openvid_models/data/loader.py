@@ -113,6 +113,19 @@ class ResumableDataLoader:
         self.epoch, self.samples_consumed = int(state["epoch"]), int(state["samples_consumed"])
 
 
+def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """``(rank, world_size)`` as given, or from the initialised process group (else a single process)."""
+    if (rank is None) != (world_size is None):
+        raise ValueError(f"give both rank and world_size or neither, got rank={rank}, world_size={world_size}")
+    if rank is None:
+        dist = torch.distributed
+        initialized = dist.is_available() and dist.is_initialized()
+        rank, world_size = (dist.get_rank(), dist.get_world_size()) if initialized else (0, 1)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+    return rank, world_size
+
+
 def build_dataloader(dataset: Dataset, batch_size: int, *, rank: int | None = None, world_size: int | None = None,
                      num_workers: int = 0, seed: int = 0, shuffle: bool = True, drop_last: bool = True,
                      pin_memory: bool | None = None, prefetch_factor: int | None = None,
@@ -137,14 +150,7 @@ def build_dataloader(dataset: Dataset, batch_size: int, *, rank: int | None = No
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-    if (rank is None) != (world_size is None):
-        raise ValueError(f"give both rank and world_size or neither, got rank={rank}, world_size={world_size}")
-    if rank is None:
-        dist = torch.distributed
-        initialized = dist.is_available() and dist.is_initialized()
-        rank, world_size = (dist.get_rank(), dist.get_world_size()) if initialized else (0, 1)
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+    rank, world_size = resolve_rank(rank, world_size)
     sampler = ResumableDistributedSampler(dataset, rank=rank, world_size=world_size, seed=seed, shuffle=shuffle,
                                           drop_last=drop_last)
     generator = torch.Generator()

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from openvid_models.data.csv_dataset import ClipRecord, SkipTally, make_clip_filter, summarize_skipped
+from openvid_models.data.loader import resolve_rank
 from openvid_models.data.video import SKIP_REASONS, ClipError, load_training_clip
 
 logger = logging.getLogger(__name__)
@@ -119,14 +120,7 @@ class OpenVidWebDataset(torch.utils.data.IterableDataset):
                                        min_temporal_consistency=min_temporal_consistency,
                                        camera_motions=camera_motions, hd_subset_csv=hd_subset_csv,
                                        predicate=predicate)
-        if (rank is None) != (world_size is None):
-            raise ValueError(f"give both rank and world_size or neither, got rank={rank}, world_size={world_size}")
-        if rank is None:
-            dist = torch.distributed
-            initialized = dist.is_available() and dist.is_initialized()
-            rank, world_size = (dist.get_rank(), dist.get_world_size()) if initialized else (0, 1)
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        rank, world_size = resolve_rank(rank, world_size)
         self.rank, self.world_size = rank, world_size
         self.skips = SkipTally("OpenVidWebDataset")
         self.excluded: Counter[str] = Counter()  # filtered out, in this process, so far
