@@ -440,13 +440,13 @@ def forward_with_cfg(model, x, timestep, y, cfg_scale, cfg_channel=None, **kwarg
     return torch.cat([torch.cat([guided, guided]), rest], dim=1)
 
 
-def _check_cfg_channel(cfg_channel):
+def check_cfg_channel(cfg_channel):
     if cfg_channel is not None and (not isinstance(cfg_channel, int) or cfg_channel < 1):
         raise ValueError(f"cfg_channel must be a positive int or None, got {cfg_channel!r}")
     return cfg_channel
 
 
-def _sampling_inputs(model, text_encoder, z_size, prompts, device, additional_args, generator, dtype):
+def guided_sampling_inputs(model, text_encoder, z_size, prompts, device, additional_args, generator, dtype):
     """Validated (n, z_size, z [n, *z_size] float32, model_kwargs with y [2n] = [cond; null] and the caption
     mask [n, L], a model callable casting x and y to ``dtype`` and returning float32)."""
     if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
@@ -513,7 +513,7 @@ class IDDPM(SpacedDiffusion):
                          model_mean_type=ModelMeanType.START_X if predict_xstart else ModelMeanType.EPSILON,
                          model_var_type=var_type, loss_type=loss_type)
         self.cfg_scale = float(cfg_scale)
-        self.cfg_channel = _check_cfg_channel(cfg_channel)
+        self.cfg_channel = check_cfg_channel(cfg_channel)
 
     def sample(self, model, text_encoder, z_size, prompts, device, additional_args=None, *, generator=None,
                progress=True, dtype=None):
@@ -523,7 +523,7 @@ class IDDPM(SpacedDiffusion):
         runs on [z; z] with ``text_encoder.encode(prompts)`` and the model's null caption as y = [cond; null],
         each step drawing noise for all 2n rows, no clipping; the cond half is returned. ``dtype``: the model's
         parameter dtype, x and y are cast to it for the call (the chain stays float32)."""
-        n, z_size, z, model_kwargs, call = _sampling_inputs(model, text_encoder, z_size, prompts, device,
+        n, z_size, z, model_kwargs, call = guided_sampling_inputs(model, text_encoder, z_size, prompts, device,
                                                             additional_args, generator, dtype)
         cfg_channel = self.cfg_channel if self.cfg_channel is not None else z_size[0]
 

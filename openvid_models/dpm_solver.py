@@ -15,7 +15,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from openvid_models.diffusion import _check_cfg_channel, _sampling_inputs, forward_with_cfg, get_named_beta_schedule
+from openvid_models.diffusion import (check_cfg_channel, forward_with_cfg, get_named_beta_schedule,
+                                      guided_sampling_inputs)
 
 SKIP_TYPES = ("time_uniform", "logSNR", "time_quadratic")
 
@@ -76,7 +77,7 @@ class DPMSolverSampler:
             raise ValueError(f"skip_type must be one of {SKIP_TYPES}, got {skip_type!r}")
         self.num_sampling_steps = num_sampling_steps
         self.cfg_scale = float(cfg_scale)
-        self.cfg_channel = _check_cfg_channel(cfg_channel)
+        self.cfg_channel = check_cfg_channel(cfg_channel)
         self.skip_type = skip_type
         self.order = order
         self.lower_order_final = lower_order_final
@@ -136,7 +137,7 @@ class DPMSolverSampler:
         batched forward over [x; x] with y = [cond; null caption] and timestep [2n] (float), guided on the
         first ``cfg_channel`` channels (None: C), of which eps is the first C. ``dtype``: the model's parameter
         dtype, x and y are cast to it for the call (the solver state stays float32)."""
-        n, z_size, z, model_kwargs, call = _sampling_inputs(model, text_encoder, z_size, prompts, device,
+        n, z_size, z, model_kwargs, call = guided_sampling_inputs(model, text_encoder, z_size, prompts, device,
                                                             additional_args, generator, dtype)
         channels = z_size[0]
         cfg_channel = self.cfg_channel if self.cfg_channel is not None else channels
