@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from openvid_models.checkpoint import load_state_dict
 from openvid_models.configs import MODEL_SIZES
 from openvid_models.diffusion import IDDPM
 from openvid_models.dpm_solver import DPMSolverSampler
@@ -177,8 +178,6 @@ class TextToVideo:
             raise ValueError(f"image_size {config.image_size} must be a multiple of the VAE's downsampling {down}")
         model = build_model(config, (config.num_frames, config.image_size[0] // down, config.image_size[1] // down))
         try:
-            from openvid_models.checkpoint import load_state_dict  # noqa: PLC0415
-
             model.load_state_dict(load_state_dict(ckpt), strict=True)
         except RuntimeError as error:  # names or shapes differ: say which config the file does not fit
             raise ValueError(f"checkpoint {ckpt} does not fit the config's model {config.model} "
