@@ -9,6 +9,20 @@ from openvid_kernels.backends import TRITON_INTERPRET
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
+INTERPRETER_MAX_TOKENS = 40  # the CPU interpreter runs small sequences only
+
+
+def skip_large_on_cpu(device, *lengths) -> None:
+    if device == "cpu" and max(lengths) > INTERPRETER_MAX_TOKENS:
+        pytest.skip("the Triton interpreter runs small sequences only")
+
+
+def skip_unswept_gpu_dtype(device, dtype, head_dim) -> None:
+    """On the GPU, bf16 is swept over every head dim; fp16 and fp32 at D = 72 only."""
+    if device == "cuda" and dtype != torch.bfloat16 and head_dim != 72:
+        pytest.skip("on the GPU, fp16 and fp32 are swept at D = 72 only")
+
+
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     actual, expected = actual.double(), expected.double()
     assert not torch.isnan(actual).any(), "NaN in result"

@@ -6,8 +6,8 @@ import torch
 import openvid_kernels as ok
 from openvid_kernels import cross as ca
 from openvid_kernels.triton_kernels import attention as triton_attention
-from tests.utils import (KERNEL_CONFIGS, assert_close_to_reference, check_against_reference,
-                         check_compiled_block, relative_error)
+from tests.utils import (KERNEL_CONFIGS, assert_close_to_reference, check_against_reference, check_compiled_block,
+                         relative_error, skip_large_on_cpu, skip_unswept_gpu_dtype)
 
 CONFIGS = [p for p in KERNEL_CONFIGS if p.id != "cuda-cuda-float32"]  # the CUDA kernels take fp16/bf16
 FIRST_CPU_AND_GPU = KERNEL_CONFIGS[:1] + KERNEL_CONFIGS[2:3] + KERNEL_CONFIGS[5:6]
@@ -32,10 +32,8 @@ def inputs(device, dtype, batch, queries, keys, head_dim=72, heads=2, seed=0):
 @pytest.mark.parametrize("head_dim", [64, 72, 128])
 @pytest.mark.parametrize("queries", [1, 37, 1000, 4100])
 def test_padded_keys_match_reference(device, backend, dtype, queries, head_dim):
-    if device == "cpu" and queries > 40:
-        pytest.skip("the Triton interpreter runs small sequences only")
-    if device == "cuda" and dtype != torch.bfloat16 and head_dim != 72:
-        pytest.skip("on the GPU, fp16 and fp32 are swept at D = 72 only")
+    skip_large_on_cpu(device, queries)
+    skip_unswept_gpu_dtype(device, dtype, head_dim)
     q, k, v = inputs(device, dtype, 3, queries, MAX_TEXT, head_dim, seed=queries + head_dim)
     lens = random_lengths(3, torch.Generator().manual_seed(queries))
     check_against_reference(

@@ -6,7 +6,8 @@ import torch
 import openvid_kernels as ok
 from openvid_kernels import joint as ja
 from tests.openvid_kernels.test_cross import CONFIGS, FIRST_CPU_AND_GPU, MAX_TEXT, random_lengths
-from tests.utils import assert_close_to_reference, check_against_reference, check_compiled_block, relative_error
+from tests.utils import (assert_close_to_reference, check_against_reference, check_compiled_block, relative_error,
+                         skip_large_on_cpu, skip_unswept_gpu_dtype)
 
 
 def streams(device, dtype, batch, frames, video_tokens, text_tokens, head_dim=72, heads=2, seed=0):
@@ -33,10 +34,8 @@ def check_joint(video_qkv, text_qkv, lens, dtype, backend, softmax_scale=None):
 @pytest.mark.parametrize("head_dim", [64, 72, 128])
 @pytest.mark.parametrize("video_tokens", [1, 21, 256, 1000])
 def test_matches_reference(device, backend, dtype, video_tokens, head_dim):
-    if device == "cpu" and video_tokens > 40:
-        pytest.skip("the Triton interpreter runs small sequences only")
-    if device == "cuda" and dtype != torch.bfloat16 and head_dim != 72:
-        pytest.skip("on the GPU, fp16 and fp32 are swept at D = 72 only")
+    skip_large_on_cpu(device, video_tokens)
+    skip_unswept_gpu_dtype(device, dtype, head_dim)
     frames = 2 if device == "cuda" and video_tokens <= 256 else 1
     video_qkv, text_qkv = streams(device, dtype, 3, frames, video_tokens, MAX_TEXT, head_dim, seed=video_tokens)
     lens = random_lengths(3, torch.Generator().manual_seed(head_dim))

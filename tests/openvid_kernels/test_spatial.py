@@ -6,21 +6,15 @@ import torch.nn.functional as F
 
 import openvid_kernels as ok
 from openvid_kernels import spatial as sa
-from tests.utils import (KERNEL_CONFIGS, assert_close_to_reference, check_against_reference,
-                         check_compiled_block, relative_error)
+from tests.utils import (KERNEL_CONFIGS, assert_close_to_reference, check_against_reference, check_compiled_block,
+                         relative_error, skip_large_on_cpu)
 
 # The CUDA kernels take fp16/bf16 only (fp32 goes to Triton under "auto"; test_auto_choice_and_cuda_backend_limits).
 CONFIGS = [p for p in KERNEL_CONFIGS if p.id != "cuda-cuda-float32"]
 FIRST_CPU_AND_GPU = KERNEL_CONFIGS[:1] + KERNEL_CONFIGS[2:3] + KERNEL_CONFIGS[5:6]  # CPU Triton fp32; GPU bf16 on both
 
 HEAD_DIMS = [64, 72, 128]
-INTERPRETER_MAX_TOKENS = 40  # the CPU interpreter runs small sequences only
 SEQUENCE_LENGTHS = [1, 17, 40, 256, 1000, 1024, 4096]
-
-
-def skip_large_on_cpu(device, *lengths):
-    if device == "cpu" and max(lengths) > INTERPRETER_MAX_TOKENS:
-        pytest.skip("the Triton interpreter runs small sequences only")
 
 
 @pytest.mark.parametrize("device,backend,dtype", CONFIGS)
