@@ -8,12 +8,16 @@ from openvid_kernels.adaln import gated_residual, gated_residual_layernorm_modul
 from openvid_kernels.backends import cuda_extension_available, default_backend, use_backend
 from openvid_kernels.cross import cross_attention
 from openvid_kernels.joint import joint_attention
+from openvid_kernels.modules import AdaLNSingle, CrossAttention, SelfAttention, modulation
 from openvid_kernels.spatial import spatial_attention, spatial_attention_packed
 from openvid_kernels.temporal import temporal_attention, temporal_attention_packed
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaLNSingle",
+    "CrossAttention",
+    "SelfAttention",
     "cross_attention",
     "cuda_extension_available",
     "default_backend",
@@ -21,6 +25,7 @@ __all__ = [
     "gated_residual_layernorm_modulate",
     "joint_attention",
     "layernorm_modulate",
+    "modulation",
     "spatial_attention",
     "spatial_attention_packed",
     "temporal_attention",

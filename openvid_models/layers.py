@@ -1,7 +1,7 @@
 """Layers shared by STDiT and MVDiT (Open-Sora 1.0 / PixArt-alpha), named as in the released checkpoints.
 
-Attention, LayerNorm-modulation and the gated residuals that feed a LayerNorm run through ``openvid_kernels``;
-with ``openvid_kernels.use_backend("reference")`` the same modules run on the plain PyTorch references.
+The attention sub-layers are ``openvid_kernels.modules``'. LayerNorm-modulation and the final layer run through
+``openvid_kernels``; with ``openvid_kernels.use_backend("reference")`` they run on the plain PyTorch references.
 """
 
 from __future__ import annotations
@@ -131,40 +131,3 @@ class T2IFinalLayer(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         shift, scale = (self.scale_shift_table[None] + t[:, None]).chunk(2, dim=1)
         return self.linear(ok.layernorm_modulate(x, shift, scale))
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Attention sub-layers (projections around the openvid_kernels ops)
-# ---------------------------------------------------------------------------------------------------------
-
-class SelfAttention(nn.Module):
-    """qkv projection, attention within frames (``spatial``) or across frames (``temporal``), output projection.
-    Tokens are ``[B, T*S, C]`` frame-major; the op reads the packed qkv in place."""
-
-    def __init__(self, hidden_size: int, num_heads: int, over: str):
-        super().__init__()
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
-        self.proj = nn.Linear(hidden_size, hidden_size)
-        self.op = {"spatial": ok.spatial_attention_packed, "temporal": ok.temporal_attention_packed}[over]
-
-    def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
-        qkv = self.qkv(x).unflatten(-1, (3, self.num_heads, -1))
-        return self.proj(self.op(qkv, num_frames).flatten(-2))
-
-
-class CrossAttention(nn.Module):
-    """Queries from the video tokens ``[B, N, C]``, keys and values from the caption tokens ``[B, L, C]`` of
-    which the first ``lens[b]`` are real (padded tokens are never read)."""
-
-    def __init__(self, hidden_size: int, num_heads: int):
-        super().__init__()
-        self.num_heads = num_heads
-        self.q_linear = nn.Linear(hidden_size, hidden_size)
-        self.kv_linear = nn.Linear(hidden_size, 2 * hidden_size)
-        self.proj = nn.Linear(hidden_size, hidden_size)
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
-        q = self.q_linear(x).unflatten(-1, (self.num_heads, -1))
-        k, v = self.kv_linear(y).unflatten(-1, (2, self.num_heads, -1)).unbind(2)
-        return self.proj(ok.cross_attention(q, k, v, lens).flatten(-2))

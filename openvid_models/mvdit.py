@@ -24,8 +24,9 @@ import torch
 from torch import nn
 
 import openvid_kernels as ok
-from openvid_models.layers import CrossAttention, Mlp, SelfAttention
-from openvid_models.stdit import STDiT, add_temporal_pos_embed, caption_lengths, modulation
+from openvid_kernels.modules import CrossAttention, SelfAttention, modulation
+from openvid_models.layers import Mlp
+from openvid_models.stdit import STDiT, add_temporal_pos_embed, caption_lengths
 
 
 class JointAttention(nn.Module):

@@ -22,14 +22,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import openvid_kernels as ok
+from openvid_kernels.modules import CrossAttention, SelfAttention, modulation
 from openvid_models.checkpoint import load_state_dict
-from openvid_models.layers import (CaptionEmbedder, CrossAttention, Mlp, PatchEmbed3D, SelfAttention, T2IFinalLayer,
-                                   TimestepEmbedder, sincos_2d, sincos_temporal)
-
-
-def modulation(table: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """adaLN-single: a block's ``table [n, C]`` plus the timestep's ``t [B, n*C]``, as n ``[B, 1, C]`` vectors."""
-    return (table[None] + t.unflatten(1, (table.shape[0], -1))).chunk(table.shape[0], dim=1)
+from openvid_models.layers import (CaptionEmbedder, Mlp, PatchEmbed3D, T2IFinalLayer, TimestepEmbedder, sincos_2d,
+                                   sincos_temporal)
 
 
 def add_temporal_pos_embed(x: torch.Tensor, pos_embed: torch.Tensor | None, num_frames: int) -> torch.Tensor:
