@@ -111,11 +111,11 @@ class MVDiT(STDiT):
         return [block[1] for block in blocks if block is not None]  # the last three exist after STDiT's init
 
     def forward(self, x, timestep, y, mask=None, force_drop_ids=None):
-        """As :meth:`STDiT.forward`; the caption becomes the text stream, repeated for every frame."""
+        """As :meth:`STDiT.forward`; the caption becomes the text stream, repeated for every (local) frame."""
         x, t, y = self.embed(x, timestep, y, force_drop_ids)
         y_lens = caption_lengths(mask, y.squeeze(1))
-        y = y.expand(-1, self.num_temporal, -1, -1).flatten(1, 2)  # [B, T*L, C], a copy per frame
+        y = y.expand(-1, self.frames_per_rank, -1, -1).flatten(1, 2)  # [B, T*L, C], a copy per frame
         mods = [block(t) for block in (self.t_block, self.t_block_y, self.t_block_temp, self.t_block_y_temp)]
         for i, block in enumerate(self.blocks):
-            x, y = self.run_block(block, x, y, y_lens, *mods, self.pos_embed_temporal if i == 0 else None)
+            x, y = self.run_block(block, x, y, y_lens, *mods, self.temporal_pos_embed() if i == 0 else None)
         return self.unpatchify(self.final_layer(x, t)).float()

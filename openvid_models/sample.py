@@ -9,6 +9,9 @@ Or from Python: ``TextToVideo.from_config(SAMPLE_CONFIGS["STDiT-16x512x512"], ck
 
 Speed and memory: the prompts are encoded first, then T5 leaves the GPU (9.5 GB in bf16); the DiT runs in the
 config's dtype on openvid_kernels, its forward replayed from a CUDA graph; the VAE decodes a few frames at a time.
+
+Sequence parallelism for long or large videos: ``torchrun --nproc_per_node=N -m openvid_models.sample --sp-size N
+...`` splits every step's frames over the N GPUs (``STDiT.set_sequence_parallel``); rank 0 writes the files.
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from openvid_kernels.sequence_parallel import gather_frames, shard_frames
 from openvid_models.checkpoint import load_state_dict
 from openvid_models.configs import MODEL_SIZES
 from openvid_models.diffusion import IDDPM
@@ -88,15 +93,12 @@ def build_model(config: SampleConfig, latent_size: tuple[int, int, int]):
     return model_class(**size)
 
 
-class CUDAGraphed(nn.Module):
-    """The DiT's forward captured in a CUDA graph per input shape, then replayed: one sampling step launches
-    several hundred kernels, and replaying removes the host's launch time between them. Inputs are copied into
-    the graph's static tensors; the output is copied out (the next replay overwrites it)."""
+class _Denoiser(nn.Module):
+    """A DiT behind a different forward, with what the samplers read from the DiT."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
-        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...], torch.Tensor]] = {}
 
     @property
     def in_channels(self) -> int:
@@ -105,6 +107,30 @@ class CUDAGraphed(nn.Module):
     @property
     def y_embedder(self) -> nn.Module:  # the samplers read the null caption from it
         return self.model.y_embedder
+
+
+class FramesGathered(_Denoiser):
+    """Whole-video calls to a DiT whose frames are split over ``group`` (``set_sequence_parallel``): each rank
+    runs its frames, and every rank gets the whole output, so the sampler runs unchanged (and identically) on
+    every rank."""
+
+    def __init__(self, model: nn.Module, group):
+        super().__init__(model)
+        self.group = group
+
+    def forward(self, x, timestep, y, mask):
+        out = self.model(shard_frames(x, self.group, dim=2), timestep, y, mask)
+        return gather_frames(out, self.group, dim=2)
+
+
+class CUDAGraphed(_Denoiser):
+    """The DiT's forward captured in a CUDA graph per input shape, then replayed: one sampling step launches
+    several hundred kernels, and replaying removes the host's launch time between them. Inputs are copied into
+    the graph's static tensors; the output is copied out (the next replay overwrites it)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...], torch.Tensor]] = {}
 
     def forward(self, x, timestep, y, mask):
         inputs = (x, timestep, y, mask)
@@ -142,10 +168,12 @@ class TextToVideo:
     """DiT + sampler + T5 + VAE. ``pipe(prompts, seed)`` -> list of uint8 videos ``[T, H, W, 3]``."""
 
     def __init__(self, model, text_encoder, vae, config: SampleConfig, device, text_encoder_after: str = "cpu",
-                 cuda_graph: bool = True):
+                 cuda_graph: bool = True, sequence_parallel=None):
         """``text_encoder_after``: where T5 goes once the prompts are encoded: ``"cpu"`` (moved off the GPU, back
         for the next call), ``"free"`` (released: the CLI encodes every prompt at once; moving 9.5 GB to the CPU
-        takes seconds) or ``"keep"`` (stays on the GPU). ``cuda_graph``: replay the DiT from CUDA graphs."""
+        takes seconds) or ``"keep"`` (stays on the GPU). ``cuda_graph``: replay the DiT from CUDA graphs.
+        ``sequence_parallel``: a process group whose ranks all call the pipeline with the same arguments and split
+        every step's frames (no CUDA graph then); each rank returns the same videos."""
         if text_encoder_after not in ("cpu", "free", "keep"):
             raise ValueError(f"text_encoder_after must be 'cpu', 'free' or 'keep', got {text_encoder_after!r}")
         caption_channels = model.y_embedder.y_embedding.shape[1]
@@ -157,7 +185,11 @@ class TextToVideo:
         self.dtype = DTYPES[config.dtype]
         self.sampler = build_sampler(config)
         self.text_encoder_after = text_encoder_after
-        self.denoiser = CUDAGraphed(model) if cuda_graph and self.device.type == "cuda" else model
+        if sequence_parallel is not None:
+            model.set_sequence_parallel(sequence_parallel)
+            self.denoiser = FramesGathered(model, sequence_parallel)
+        else:
+            self.denoiser = CUDAGraphed(model) if cuda_graph and self.device.type == "cuda" else model
         self.text_encoder.model_max_length = model.y_embedder.y_embedding.shape[0]
 
     @classmethod
@@ -293,6 +325,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num-frames", type=int, help="override the config's frame count")
     parser.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), help="override the pixel size")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--sp-size", type=int, default=1, help="split the frames over this many ranks (run under "
+                        "torchrun with as many processes; sequence parallelism)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
 
@@ -307,14 +341,40 @@ def config_from_args(args: argparse.Namespace) -> SampleConfig:
     return config
 
 
+def sequence_parallel_group(sp_size: int, device: str):
+    """(group or None, this rank's device, rank) for ``--sp-size``: the torchrun world, which must have exactly
+    ``sp_size`` ranks."""
+    if sp_size < 1:
+        raise ValueError(f"--sp-size must be >= 1, got {sp_size}")
+    if sp_size == 1:
+        return None, device, 0
+    import os  # noqa: PLC0415
+
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world != sp_size:
+        raise ValueError(f"--sp-size {sp_size} needs {sp_size} processes (torchrun --nproc_per_node={sp_size}); this "
+                         f"run has {world}")
+    cuda = torch.device(device).type == "cuda"
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(device)
+    return dist.group.WORLD, device, dist.get_rank()
+
+
 def main(argv=None) -> list[Path]:
     args = parse_args(argv)
     config = config_from_args(args)
     prompts = read_prompts(args.prompt, args.prompt_file)
-    pipe = TextToVideo.from_config(config, args.ckpt, args.t5, args.vae, device=args.device, text_encoder_after="free")
+    group, device, rank = sequence_parallel_group(args.sp_size, args.device)
+    pipe = TextToVideo.from_config(config, args.ckpt, args.t5, args.vae, device=device, text_encoder_after="free",
+                                   sequence_parallel=group)
     start = time.perf_counter()
-    videos = pipe(prompts, seed=args.seed, batch_size=args.batch_size, progress=not args.no_progress)
+    videos = pipe(prompts, seed=args.seed, batch_size=args.batch_size, progress=not args.no_progress and rank == 0)
     seconds = time.perf_counter() - start
+    if rank != 0:  # every rank holds the same videos; rank 0 writes them
+        return []
     out = Path(args.out)
     written = []
     for i, (prompt, video) in enumerate(zip(prompts, videos)):

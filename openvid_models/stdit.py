@@ -17,12 +17,14 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import openvid_kernels as ok
 from openvid_kernels.modules import CrossAttention, SelfAttention, modulation
+from openvid_kernels.sequence_parallel import shard_frames
 from openvid_models.checkpoint import load_state_dict
 from openvid_models.layers import (CaptionEmbedder, Mlp, PatchEmbed3D, T2IFinalLayer, TimestepEmbedder, sincos_2d,
                                    sincos_temporal)
@@ -89,6 +91,8 @@ class STDiT(nn.Module):
         self.num_temporal = self.grid[0]
         self.num_spatial = self.grid[1] * self.grid[2]
         self.grad_checkpointing = False  # activation checkpointing per block, in training
+        self.sequence_parallel = None  # a process group over which the frames are split (set_sequence_parallel)
+        self.frames_per_rank = self.num_temporal
 
         pos_embed = sincos_2d(hidden_size, self.grid[1], self.grid[2], space_scale)
         self.register_buffer("pos_embed", pos_embed.float()[None])
@@ -170,6 +174,27 @@ class STDiT(nn.Module):
                     or (what == "not_attn" and not spatial_attention)):
                 param.requires_grad_(False)
 
+    def set_sequence_parallel(self, group) -> None:
+        """Split every sample's frames over the ranks of ``group`` (None: no split). Rank p then holds latent
+        frames ``p*T/P .. (p+1)*T/P - 1``: :meth:`forward` takes and returns those frames only, everything but
+        temporal attention stays local, and temporal attention exchanges heads with two all-to-alls
+        (``openvid_kernels.sequence_parallel``). The caption, timestep and mask are the whole sample's on every
+        rank. The frames (after temporal patching) and the heads must be multiples of P."""
+        size = 1 if group is None else dist.get_world_size(group)
+        heads = self.blocks[0].attn.num_heads
+        if self.num_temporal % size:
+            raise ValueError(f"sequence parallelism over {size} ranks needs a frame count divisible by {size}; this "
+                             f"model has {self.num_temporal} latent frames (input_size {self.input_size}, patch "
+                             f"{self.patch_size})")
+        if heads % size:
+            raise ValueError(f"sequence parallelism over {size} ranks needs a head count divisible by {size}; this "
+                             f"model has {heads} heads")
+        self.sequence_parallel = group if size > 1 else None
+        self.frames_per_rank = self.num_temporal // size
+        for block in self.blocks:
+            block.num_frames = self.frames_per_rank
+            block.attn_temp.sequence_parallel = self.sequence_parallel
+
     # -----------------------------------------------------------------------------------------------------
     # Forward
     # -----------------------------------------------------------------------------------------------------
@@ -177,21 +202,35 @@ class STDiT(nn.Module):
     def forward(self, x, timestep, y, mask=None, force_drop_ids=None):
         """``mask [B, L]`` marks the real caption tokens (T5's attention mask: a prefix of ones); None: all
         real. A mask of fewer rows than y (classifier-free guidance batches) is repeated, as upstream.
-        ``force_drop_ids [B]``: 1 replaces that caption by the null caption."""
+        ``force_drop_ids [B]``: 1 replaces that caption by the null caption. With sequence parallelism, x and
+        the output hold this rank's frames (:meth:`set_sequence_parallel`)."""
         x, t, y = self.embed(x, timestep, y, force_drop_ids)
         y = y.squeeze(1)  # [B, L, C]
         y_lens = caption_lengths(mask, y)
         t_mod = self.t_block(t)
         for i, block in enumerate(self.blocks):
-            x = self.run_block(block, x, y, y_lens, t_mod, self.pos_embed_temporal if i == 0 else None)
+            x = self.run_block(block, x, y, y_lens, t_mod, self.temporal_pos_embed() if i == 0 else None)
         return self.unpatchify(self.final_layer(x, t)).float()
+
+    def temporal_pos_embed(self) -> torch.Tensor:
+        """``[1, T, C]``, the entries of this rank's frames under sequence parallelism."""
+        if self.sequence_parallel is None:
+            return self.pos_embed_temporal
+        return shard_frames(self.pos_embed_temporal, self.sequence_parallel, dim=1)
 
     def embed(self, x, timestep, y, force_drop_ids):
         """Tokens ``[B, T*S, C]`` with the spatial position embedding, the timestep embedding ``[B, C]`` and the
         caption tokens ``[B, 1, L, C]``, in the weights' dtype."""
+        if self.sequence_parallel is None:
+            frames, share = self.input_size[0], ""
+        else:  # this rank's consecutive frames
+            frames = self.frames_per_rank * self.patch_size[0]
+            share = f" (this rank's share of {self.input_size[0]} frames)"
+        if x.dim() != 5 or x.shape[1:3] != (self.in_channels, frames):
+            raise ValueError(f"x must be [B, {self.in_channels}, {frames}, H, W]{share}; got {tuple(x.shape)}")
         dtype = self.x_embedder.proj.weight.dtype
         x = self.x_embedder(x.to(dtype))
-        x = (x.unflatten(1, (self.num_temporal, self.num_spatial)) + self.pos_embed[:, None].to(dtype)).flatten(1, 2)
+        x = (x.unflatten(1, (self.frames_per_rank, self.num_spatial)) + self.pos_embed[:, None].to(dtype)).flatten(1, 2)
         return x, self.t_embedder(timestep, dtype), self.y_embedder(y.to(dtype), self.training, force_drop_ids)
 
     def run_block(self, block, *args):
@@ -201,7 +240,8 @@ class STDiT(nn.Module):
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, T*S, prod(patch) * C_out]`` tokens to ``[B, C_out, T, H, W]``."""
-        (nt, nh, nw), (pt, ph, pw) = self.grid, self.patch_size
+        (_, nh, nw), (pt, ph, pw) = self.grid, self.patch_size
+        nt = self.frames_per_rank
         return rearrange(x, "B (nt nh nw) (pt ph pw c) -> B c (nt pt) (nh ph) (nw pw)",
                          nt=nt, nh=nh, nw=nw, pt=pt, ph=ph, pw=pw)
 

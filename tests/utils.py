@@ -87,3 +87,27 @@ def check_compiled_block(block, inputs, names, static_args, backend, dtype):
     assert_close_to_reference(out, ref_out, dtype, "compiled output")
     for name, grad, ref in zip(names, grads, ref_grads):
         assert_close_to_reference(grad, ref, dtype, f"compiled grad of {name}")
+
+
+def run_on_gloo_ranks(worker, world_size: int, *args) -> None:
+    """Run ``worker(rank, world_size, *args)`` in ``world_size`` fresh processes joined in a gloo group (CPU);
+    a failure on any rank fails the caller. The worker must be a module-level function (it is pickled)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_gloo_rank, args=(world_size, port, worker, args), nprocs=world_size, join=True)
+
+
+def _gloo_rank(rank: int, world_size: int, port: int, worker, args) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        torch.set_num_threads(1)  # ranks share the machine's cores
+        worker(rank, world_size, *args)
+    finally:
+        dist.destroy_process_group()

@@ -51,7 +51,9 @@ class TrainConfig:
     num_frames: int = 16
     frame_interval: int = 3
     image_size: int = 256
-    batch_size: int = 8  # per rank
+    batch_size: int = 8  # per data-parallel rank (a sequence-parallel group shares its samples)
+    sp_size: int = 1  # sequence parallelism: ranks that split every sample's frames (Ulysses; divides the
+    #                   world size, the latent frames and the heads)
     num_workers: int = 4
 
     # -- optimisation ---------------------------------------------------------------------------------------
@@ -92,7 +94,7 @@ class TrainConfig:
         if self.data == "latent-cache":
             need(self.latent_cache is not None, "latent_cache (a folder) is needed with data='latent-cache'")
         for name in ("num_frames", "frame_interval", "image_size", "batch_size", "max_steps", "ckpt_every",
-                     "log_every", "sample_steps", "model_max_length", "keep_checkpoints"):
+                     "log_every", "sample_steps", "model_max_length", "keep_checkpoints", "sp_size"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         need(self.lr > 0, f"lr must be > 0, got {self.lr}")
         need(0.0 <= self.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {self.ema_decay}")

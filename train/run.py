@@ -41,6 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="override a TrainConfig field (repeatable), e.g. --set batch_size=4")
     parser.add_argument("--max-steps", type=int, help="shortcut for --set max_steps=N")
     parser.add_argument("--outdir", help="shortcut for --set outdir=DIR")
+    parser.add_argument("--sp-size", type=int, help="shortcut for --set sp_size=N: split every sample's frames "
+                        "over N ranks (sequence parallelism)")
     parser.add_argument("--resume", metavar="DIR", help="a run folder (its latest checkpoint) or a checkpoint folder")
     parser.add_argument("--quick", action="store_true", help="a shortened run for CI: " + " ".join(QUICK_OVERRIDES))
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -60,6 +62,8 @@ def config_from_args(args: argparse.Namespace):
         overrides.append(f"max_steps={args.max_steps}")
     if args.outdir is not None:
         overrides.append(f"outdir={args.outdir}")
+    if args.sp_size is not None:
+        overrides.append(f"sp_size={args.sp_size}")
     return apply_overrides(base, overrides)
 
 

@@ -8,6 +8,11 @@ are drawn from a generator seeded by (seed, step, the sample's position in the g
 global RNG. Rank r's j-th sample is position ``j * world_size + r``, which is where ``DistributedSampler``
 puts it, so a run on W ranks with batch b draws what one rank with batch W*b draws, and a resumed run draws
 what the uninterrupted one drew.
+
+Sequence parallelism (``sp_size`` P > 1): ranks ``g*P .. g*P + P - 1`` form group g, which reads one
+data-parallel rank's samples (rank g of W / P) and splits their frames (``STDiT.set_sequence_parallel``):
+each rank takes the loss on its frames, and FSDP's average over all W ranks then gives the gradient of the
+whole samples' loss, so the losses and updates are those of W / P ranks without sequence parallelism.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from openvid_kernels.sequence_parallel import shard_frames
 from train.checkpointing import StopRequest, latest_checkpoint, load_checkpoint, save_checkpoint
 from train.config import TrainConfig
 
@@ -230,6 +236,19 @@ def initialise_from(model: nn.Module, path: str) -> None:
                          f"unexpected {unexpected[:5]})")
 
 
+def data_and_sequence_groups(sp_size: int, rank: int, world: int, device_type: str):
+    """(data-parallel rank, data-parallel size, this rank's sequence-parallel group or None): consecutive ranks
+    ``g*sp_size ..`` form sequence-parallel group g, which is data-parallel rank g."""
+    from torch.distributed.device_mesh import init_device_mesh  # noqa: PLC0415
+
+    if world % sp_size:
+        raise ValueError(f"sp_size={sp_size} must divide the number of ranks ({world})")
+    if sp_size == 1:
+        return rank, world, None
+    mesh = init_device_mesh(device_type, (world // sp_size, sp_size), mesh_dim_names=("dp", "sp"))
+    return rank // sp_size, world // sp_size, mesh["sp"].get_group()
+
+
 def shard_model(model: nn.Module, mesh, dtype: torch.dtype) -> nn.Module:
     """FSDP2: each block its own unit, then the root (embedders, final layer). Compute in ``dtype``, gradients
     reduced in float32."""
@@ -368,6 +387,7 @@ def _run(config, resume, progress, _before_publish, outdir, rank, world, dev, me
     from openvid_models import IDDPM  # noqa: PLC0415
     from openvid_models.data import build_dataloader  # noqa: PLC0415
 
+    dp_rank, dp_world, sp_group = data_and_sequence_groups(config.sp_size, rank, world, dev.type)
     dataset, captions = build_dataset(config, rank)
     text_encoder = None if config.data == "latent-cache" else build_text_encoder(config, captions, rank, dev)
     vae = build_vae(config, dev) if config.data != "latent-cache" else None
@@ -384,16 +404,18 @@ def _run(config, resume, progress, _before_publish, outdir, rank, world, dev, me
     if config.init_from and resume is None:
         initialise_from(model, config.init_from)
     model.grad_checkpointing = config.grad_checkpointing
+    model.set_sequence_parallel(sp_group)
     model.train()
     shard_model(model, mesh, DTYPES[config.dtype])
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay, eps=config.adam_eps)
     ema = EMA(model)
     diffusion = IDDPM(timestep_respacing="")
-    loader = build_dataloader(dataset, config.batch_size, rank=rank, world_size=world,
+    loader = build_dataloader(dataset, config.batch_size, rank=dp_rank, world_size=dp_world,
                               num_workers=config.num_workers, seed=config.seed, shuffle=True, drop_last=True)
     if len(loader.sampler) < config.batch_size:
-        raise ValueError(f"batch_size {config.batch_size} x {world} ranks exceeds the {len(dataset)} samples")
+        raise ValueError(f"batch_size {config.batch_size} x {dp_world} data-parallel ranks exceeds the "
+                         f"{len(dataset)} samples")
 
     step = 0
     ckpt_dir = outdir / "checkpoints"
@@ -429,8 +451,8 @@ def _run(config, resume, progress, _before_publish, outdir, rank, world, dev, me
             batches = iter(loader)
             batch = next(batches)
         step += 1
-        loss = _train_step(model, diffusion, optimizer, batch, text_encoder, vae, config, step, rank, world,
-                           dev)
+        loss = _train_step(model, diffusion, optimizer, batch, text_encoder, vae, config, step, dp_rank, dp_world,
+                           sp_group, dev)
         ema.update(config.ema_decay)
         dist.all_reduce(loss, op=dist.ReduceOp.AVG if dev.type == "cuda" else dist.ReduceOp.SUM)
         if dev.type != "cuda":  # gloo has no AVG
@@ -442,7 +464,7 @@ def _run(config, resume, progress, _before_publish, outdir, rank, world, dev, me
             log.write(json.dumps({"step": step, "loss": loss_value}) + "\n")
             log.flush()
             if bar is not None:
-                tokens = tokens_per_sample * config.batch_size * world / elapsed
+                tokens = tokens_per_sample * config.batch_size * dp_world / elapsed
                 bar.set_postfix(loss=f"{loss_value:.4f}", step_s=f"{elapsed:.3f}", tok_s=f"{tokens:.3g}",
                                 mem_gb=f"{_memory_gb(dev):.2f}")
                 bar.update(1)
@@ -478,8 +500,10 @@ def _run(config, resume, progress, _before_publish, outdir, rank, world, dev, me
     return TrainResult(outdir, losses, step, stopped, ema_path, sample)
 
 
-def _train_step(model, diffusion, optimizer, batch, text_encoder, vae, config, step, rank, world, dev):
-    """One optimiser step on this rank's batch; returns the local mean loss (a float32 0-d tensor)."""
+def _train_step(model, diffusion, optimizer, batch, text_encoder, vae, config, step, dp_rank, dp_world, sp_group,
+                dev):
+    """One optimiser step on this rank's batch (its frames of it under sequence parallelism); returns the local
+    mean loss (a float32 0-d tensor)."""
     with torch.no_grad():
         if "latents" in batch:  # latent cache: VAE latents and T5 features were computed ahead
             x = batch["latents"].to(dev, torch.float32)
@@ -489,14 +513,17 @@ def _train_step(model, diffusion, optimizer, batch, text_encoder, vae, config, s
             if config.vae == "identity":
                 x = video
             else:  # the posterior draw from a per-step generator too, for exact resumption
-                generator = torch.Generator(device=dev).manual_seed(hash((config.seed, step, rank, "vae")) % 2**63)
+                seed = hash((config.seed, step, dp_rank, -1)) % 2**63  # ints only: the same in every process
+                generator = torch.Generator(device=dev).manual_seed(seed)
                 x = vae.encode(video.to(DTYPES[config.dtype]), generator=generator).float()
             encoded = text_encoder.encode(list(batch["text"]))
             y, mask = encoded["y"], encoded["mask"]
     B = x.shape[0]
-    positions = [j * world + rank for j in range(B)]
+    positions = [j * dp_world + dp_rank for j in range(B)]
     t, noise, drop = per_sample_draws(step, config.seed, positions, x.shape[1:], diffusion.num_timesteps,
                                       config.class_dropout_prob, dev)
+    if sp_group is not None:
+        x, noise = (shard_frames(tensor, sp_group, dim=2) for tensor in (x, noise))
     terms = diffusion.training_losses(model, x, t, dict(y=y, mask=mask, force_drop_ids=drop), noise=noise)
     loss = terms["loss"].mean()
     loss.backward()

@@ -118,6 +118,22 @@ def test_two_gloo_ranks_match_one_rank(sample_set, reference_run, tmp_path):
         "rank-00000.pt", "rank-00001.pt"]
 
 
+@pytest.mark.parametrize("nproc, sp_size, batch_size", [(2, 2, 4), (4, 2, 2)])
+def test_sequence_parallel_ranks_match_one_rank(sample_set, reference_run, tmp_path, nproc, sp_size, batch_size):
+    """Every sample's 4 frames split over 2 ranks (--sp-size 2), alone or with 2 data-parallel groups of 2: the
+    losses of 1 rank x batch 4."""
+    run_cli(toy_args(sample_set, tmp_path, f"batch_size={batch_size}", "max_steps=16", "ckpt_every=16") +
+            ["--sp-size", str(sp_size)], nproc=nproc, timeout=400)
+    assert_same_losses(read_losses(tmp_path), read_losses(reference_run))
+
+
+def test_sp_size_must_divide_the_ranks_frames_and_heads(sample_set, tmp_path):
+    with pytest.raises(ValueError, match=r"sp_size=2 must divide the number of ranks \(1\)"):
+        train(toy_config(sample_set, tmp_path, "sp_size=2", "max_steps=1"), device="cpu", progress=False)
+    with pytest.raises(ValueError, match="sp_size must be >= 1"):
+        toy_config(sample_set, tmp_path, "sp_size=0")
+
+
 def test_sigkill_then_resume_reproduces_losses(sample_set, reference_run, tmp_path):
     """Kill -9 the run once a checkpoint is published, resume it, and get the uninterrupted run's losses."""
     args = toy_args(sample_set, tmp_path, "batch_size=4", "max_steps=16", "ckpt_every=4")
