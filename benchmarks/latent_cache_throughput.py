@@ -25,7 +25,7 @@ LATENT_SHAPE = (4, 16, 32, 32)  # 16 frames of 256 x 256 through the 8x VAE
 TEXT_LENGTH, TEXT_CHANNELS = 120, 4096
 
 
-class _Placeholders(torch.utils.data.Dataset):
+class Placeholders(torch.utils.data.Dataset):
     """Items with a token video (the stand-in VAE ignores it) and a caption."""
 
     def __init__(self, n):
@@ -38,17 +38,24 @@ class _Placeholders(torch.utils.data.Dataset):
         return {"video": torch.zeros(3, 1, 8, 8), "text": f"caption {index}"}
 
 
-class _RandomVAE:
+class RandomVAE:
+    """Random latents of ``latent_shape`` [C, T, H, W] for any video."""
+
     scaling_factor = 0.18215
+
+    def __init__(self, latent_shape=LATENT_SHAPE):
+        self.latent_shape = tuple(latent_shape)
 
     def parameters(self):
         return iter(())
 
     def encode(self, video, sample=False):
-        return torch.randn(video.shape[0], *LATENT_SHAPE)
+        return torch.randn(video.shape[0], *self.latent_shape)
 
 
-class _RandomT5:
+class RandomT5:
+    """Random T5-XXL-shaped features with random caption lengths."""
+
     model_max_length = TEXT_LENGTH
 
     def encode(self, captions):
@@ -93,7 +100,7 @@ def main() -> None:
         cache = Path(tmp) / "cache"
         torch.manual_seed(0)
         start = time.perf_counter()
-        build_latent_cache(_Placeholders(args.samples), _RandomVAE(), _RandomT5(), cache, batch_size=16,
+        build_latent_cache(Placeholders(args.samples), RandomVAE(), RandomT5(), cache, batch_size=16,
                            shard_size=args.shard_size, device="cpu", dtype=torch.bfloat16, progress=False)
         size = sum(f.stat().st_size for f in cache.iterdir())
         print(f"cache: {args.samples} samples, {size / 1e6:.0f} MB in shards of {args.shard_size} "

@@ -14,8 +14,9 @@ overrides any :class:`train.config.TrainConfig` field; ``--max-steps``, ``--outd
 DIR`` reads ``DIR/config.json`` (then applies the overrides) and continues from ``DIR/checkpoints/latest``.
 
 Outputs in ``outdir``: ``checkpoints/`` (DCP, atomic, every ``ckpt_every`` steps, at the end and on SIGTERM),
-``losses.jsonl``, ``loss.png``, ``ema.safetensors`` (the EMA weights; loads into STDiT/MVDiT and upstream's
-models) and, with ``sample_at_end``, ``sample.mp4`` + ``sample.json``.
+``losses.jsonl`` (per step: loss, step time, tokens/s, rank 0's peak memory), ``loss.png``, ``ema.safetensors``
+(the EMA weights; loads into STDiT/MVDiT and upstream's models) and, with ``sample_at_end``, ``sample.mp4`` +
+``sample.json``.
 """
 
 from __future__ import annotations

@@ -461,12 +461,13 @@ def _run(config, resume, progress, _before_publish, outdir, rank, world, dev, me
         losses[step] = loss_value
         elapsed = time.perf_counter() - start
         if rank == 0:
-            log.write(json.dumps({"step": step, "loss": loss_value}) + "\n")
+            tokens, memory = tokens_per_sample * config.batch_size * dp_world / elapsed, _memory_gb(dev)
+            log.write(json.dumps({"step": step, "loss": loss_value, "step_s": round(elapsed, 4),
+                                  "tokens_per_s": round(tokens), "peak_gb": round(memory, 2)}) + "\n")
             log.flush()
             if bar is not None:
-                tokens = tokens_per_sample * config.batch_size * dp_world / elapsed
                 bar.set_postfix(loss=f"{loss_value:.4f}", step_s=f"{elapsed:.3f}", tok_s=f"{tokens:.3g}",
-                                mem_gb=f"{_memory_gb(dev):.2f}")
+                                mem_gb=f"{memory:.2f}")
                 bar.update(1)
             if writer is not None and step % config.log_every == 0:
                 writer.add_scalar("loss", loss_value, step)

@@ -220,3 +220,21 @@ def test_quick_embedded_default_writes_clip_plot_and_weights(tmp_path):
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     sample = json.loads((tmp_path / "sample.json").read_text())
     assert sample["caption"] and set(sample["description"]) >= {"colour", "direction"}
+
+
+def test_multi_gpu_scaling_script_runs_its_plumbing_on_gloo_ranks(tmp_path):
+    """benchmarks/multi_gpu_scaling.py (issue #12) on CPU ranks with a toy model: both parts run and report."""
+    toy = ["hidden_size=32", "depth=1", "num_heads=2", "num_frames=4", "image_size=32", "dtype=fp32", "num_workers=0"]
+    command = [sys.executable, str(REPO / "benchmarks" / "multi_gpu_scaling.py"), "--device", "cpu", "--gpus", "1",
+               "2", "--sp", "2", "--steps", "3", "--sp-steps", "2", "--warmup", "1", "--latent-shape", "4", "4", "4",
+               "4", "--sp-latent-shape", "4", "4", "4", "4", "--out", str(tmp_path)]
+    for item in toy:
+        command += ["--set", item]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "scaling.json").read_text())
+    assert set(report["fsdp"]) == {"1", "2"} and set(report["sp"]) == {"2"}
+    for row in [*report["fsdp"].values(), *report["sp"].values()]:
+        assert row["step_s"] > 0 and row["tokens_per_s"] > 0 and row["losses"]["1"] > 0
+    assert report["fsdp"]["1"]["efficiency"] == 1.0
+    assert "| 2 |" in (tmp_path / "scaling.md").read_text()
