@@ -7,6 +7,7 @@ Every op is a ``torch.library`` custom op with autograd and ``torch.compile`` su
 from openvid_kernels.adaln import gated_residual, gated_residual_layernorm_modulate, layernorm_modulate
 from openvid_kernels.backends import cuda_extension_available, default_backend, use_backend
 from openvid_kernels.cross import cross_attention
+from openvid_kernels.diffusers_processors import PatchReport, patch_diffusers_model, unpatch_diffusers_model
 from openvid_kernels.joint import joint_attention
 from openvid_kernels.modules import AdaLNSingle, CrossAttention, SelfAttention, modulation
 from openvid_kernels.spatial import spatial_attention, spatial_attention_packed
@@ -17,6 +18,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdaLNSingle",
     "CrossAttention",
+    "PatchReport",
     "SelfAttention",
     "cross_attention",
     "cuda_extension_available",
@@ -26,9 +28,11 @@ __all__ = [
     "joint_attention",
     "layernorm_modulate",
     "modulation",
+    "patch_diffusers_model",
     "spatial_attention",
     "spatial_attention_packed",
     "temporal_attention",
     "temporal_attention_packed",
+    "unpatch_diffusers_model",
     "use_backend",
 ]

@@ -36,9 +36,12 @@ MAX_FRAMES = 128
 
 def temporal_attention_reference(q, k, v, softmax_scale: float | None = None) -> torch.Tensor:
     """``softmax(scale * q k^T) v`` over dim 1 of ``[B, T, S, H, D]`` tensors; contiguous ``[B, T, S, H, D]``."""
-    to_sequences = (0, 2, 3, 1, 4)  # [B, S, H, T, D]: SDPA attends over dim -2
-    out = F.scaled_dot_product_attention(*(x.permute(to_sequences) for x in (q, k, v)), scale=softmax_scale)
-    return out.permute(0, 3, 1, 2, 4).contiguous()
+    B, T, S, H, D = q.shape
+    # [B*S, H, T, D]: SDPA attends over dim -2. (4-D: torch.compile of a 5-D SDPA between permutes returned a
+    # wrongly shaped result on torch 2.13's CPU path.)
+    to_sequences = [x.permute(0, 2, 3, 1, 4).reshape(B * S, H, T, D) for x in (q, k, v)]
+    out = F.scaled_dot_product_attention(*to_sequences, scale=softmax_scale)
+    return out.view(B, S, H, T, D).permute(0, 3, 1, 2, 4).contiguous()
 
 
 def temporal_attention_packed_reference(qkv, num_frames: int, softmax_scale: float | None = None) -> torch.Tensor:
