@@ -57,6 +57,10 @@ class TrainConfig:
     num_workers: int = 4
 
     # -- optimisation ---------------------------------------------------------------------------------------
+    v_weight_cap: float | None = None  # None: upstream's loss (noise MSE + vb). A number g: the noise MSE of
+    #   timestep t weighted by min(1 / alpha_bar_t, g), the v-prediction loss's weight capped at g, so that the
+    #   high-noise steps, where the caption decides colour and layout, count (the tiny default needs it to
+    #   follow its captions)
     lr: float = 2e-5
     weight_decay: float = 0.0
     adam_eps: float = 1e-8
@@ -101,6 +105,8 @@ class TrainConfig:
         need(0.0 <= self.class_dropout_prob < 1.0, f"class_dropout_prob must be in [0, 1), got "
              f"{self.class_dropout_prob}")
         need(self.grad_clip > 0, f"grad_clip must be > 0, got {self.grad_clip}")
+        need(self.v_weight_cap is None or self.v_weight_cap >= 1, f"v_weight_cap must be None or >= 1, got "
+             f"{self.v_weight_cap}")
         need(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
 
 

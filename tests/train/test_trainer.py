@@ -238,3 +238,20 @@ def test_multi_gpu_scaling_script_runs_its_plumbing_on_gloo_ranks(tmp_path):
         assert row["step_s"] > 0 and row["tokens_per_s"] > 0 and row["losses"]["1"] > 0
     assert report["fsdp"]["1"]["efficiency"] == 1.0
     assert "| 2 |" in (tmp_path / "scaling.md").read_text()
+
+
+def test_v_weight_cap_weights_the_noise_mse_by_capped_inverse_alpha_bar():
+    from openvid_models import IDDPM
+    from train.trainer import weighted_loss
+
+    diffusion = IDDPM(timestep_respacing="")
+    t = torch.tensor([0, 300, 999])
+    terms = {"mse": torch.tensor([1.0, 2.0, 3.0]), "vb": torch.tensor([0.5, 0.25, 0.125])}
+    terms["loss"] = terms["mse"] + terms["vb"]
+    assert weighted_loss(terms, t, diffusion, None) is terms["loss"]
+    alpha_bar = torch.tensor(diffusion.alphas_cumprod)[t]
+    assert alpha_bar[0] > 0.99 and 1 / alpha_bar[1] < 20 < 1 / alpha_bar[2]  # the cap binds only at t = 999
+    expected = terms["mse"] * torch.stack([1 / alpha_bar[0], 1 / alpha_bar[1], torch.tensor(20.0)]).float() + terms["vb"]
+    torch.testing.assert_close(weighted_loss(terms, t, diffusion, 20.0), expected)
+    with pytest.raises(ValueError, match="v_weight_cap must be None or >= 1"):
+        apply_overrides(TRAIN_CONFIGS["tiny"], ["v_weight_cap=0.5"])
