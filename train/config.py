@@ -140,7 +140,7 @@ TRAIN_CONFIGS: dict[str, dict] = {
                  tiny_t5_channels=32, vae="identity", data="sample-set", sample_set_clips=96, num_frames=8,
                  frame_interval=4, image_size=16, batch_size=8, num_workers=0, lr=1e-3, weight_decay=0.0,
                  grad_clip=1.0, ema_decay=0.99, max_steps=1200, dtype="fp32", seed=0, outdir="outputs/default",
-                 ckpt_every=500, sample_at_end=True, sample_steps=20, cfg_scale=4.0),
+                 ckpt_every=500, sample_at_end=True, sample_steps=20, cfg_scale=4.0, v_weight_cap=20.0),
 }
 
 
