@@ -12,38 +12,14 @@ processors and with ours, and prints the largest difference.
 
 from __future__ import annotations
 
-import argparse
-import time
-
 import torch
 
-from openvid_kernels.diffusers_processors import patch_diffusers_model, unpatch_diffusers_model
+from common import compare_stock_and_ours, example_parser, load, parse  # examples/common.py
 
 TINY_CONFIG = dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=2,
                    sample_size=8, patch_size=2, caption_channels=24, cross_attention_dim=32,
                    norm_type="ada_norm_single", activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
                    attention_bias=True, norm_elementwise_affine=False, norm_eps=1e-6, use_additional_conditions=False)
-
-
-def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", help="hub id or local directory of a PixArt pipeline")
-    source.add_argument("--tiny", action="store_true", help="a tiny randomly initialised transformer (no download)")
-    parser.add_argument("--transformer-only", action="store_true",
-                        help="load only the model's transformer and run one forward on random inputs")
-    parser.add_argument("--subfolder", default="transformer",
-                        help="the transformer's subfolder with --transformer-only ('' for a transformer directory)")
-    parser.add_argument("--prompt", default="a small cactus with a happy face in the Sahara desert")
-    parser.add_argument("--steps", type=int, default=4, help="sampling steps of the pipeline run")
-    parser.add_argument("--backend", default=None, choices=["auto", "cuda", "triton", "reference"])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
-                        help="default: bfloat16 on CUDA, float32 on the CPU")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    args.dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
-    return args
 
 
 def random_inputs(transformer, text_tokens: int, device, dtype, seed: int) -> dict:
@@ -66,67 +42,16 @@ def random_inputs(transformer, text_tokens: int, device, dtype, seed: int) -> di
     return inputs
 
 
-def compare(name: str, stock: torch.Tensor, ours: torch.Tensor) -> None:
-    difference = (ours.float() - stock.float()).abs().max().item()
-    scale = stock.float().abs().max().item()
-    print(f"{name}: max |ours - stock| = {difference:.3g} (largest |stock| {scale:.3g}; low-precision dtypes "
-          "differ by their rounding)")
-
-
-def timed(fn, warm_up: bool):
-    """fn()'s result and seconds; ``warm_up`` runs it once first (Triton compiles on the first call)."""
-    if warm_up:
-        fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    out = fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return out, time.perf_counter() - start
-
-
 def main() -> None:
-    args = parse_args()
+    parser = example_parser(__doc__.splitlines()[0], "a PixArt",
+                            prompt="a small cactus with a happy face in the Sahara desert")
+    args = parse(parser)
     from diffusers import DiffusionPipeline, PixArtTransformer2DModel  # noqa: PLC0415
 
-    pipe = None
-    if args.tiny:
-        torch.manual_seed(args.seed)
-        transformer = PixArtTransformer2DModel(**TINY_CONFIG)
-        if args.dtype != torch.float32:
-            transformer = transformer.to(args.dtype)
-    elif args.transformer_only:
-        transformer = PixArtTransformer2DModel.from_pretrained(args.model, subfolder=args.subfolder or None,
-                                                              torch_dtype=args.dtype)
-    else:
-        pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=args.dtype).to(args.device)
-        transformer = pipe.transformer
-    transformer = transformer.to(args.device).eval()
-
-    if pipe is None:
-        text_tokens = 10 if args.tiny else 120  # T5 captions: 120 tokens (PixArt-sigma: 300)
-        inputs = random_inputs(transformer, text_tokens, args.device, args.dtype, args.seed)
-        with torch.no_grad():
-            run = lambda: transformer(**inputs).sample  # noqa: E731
-            stock, stock_s = timed(run, warm_up=True)
-            report = patch_diffusers_model(transformer, backend=args.backend)
-            print(report)
-            ours, ours_s = timed(run, warm_up=True)
-        what = "transformer forward"
-    else:
-        def run():
-            generator = torch.Generator(args.device).manual_seed(args.seed)
-            return pipe(args.prompt, num_inference_steps=args.steps, generator=generator, output_type="latent").images
-
-        stock, stock_s = timed(run, warm_up=False)
-        report = patch_diffusers_model(transformer, backend=args.backend)
-        print(report)
-        ours, ours_s = timed(run, warm_up=False)
-        what = f"{args.steps}-step sampling run (latents)"
-    compare(what, stock, ours)
-    print(f"time: stock {stock_s:.3f} s, ours {ours_s:.3f} s")
-    unpatch_diffusers_model(transformer)  # the originals are kept; this restores them
+    pipe, transformer = load(args, PixArtTransformer2DModel, DiffusionPipeline, TINY_CONFIG)
+    text_tokens = 10 if args.tiny else 120  # T5 captions: 120 tokens (PixArt-sigma: 300)
+    compare_stock_and_ours(args, pipe, transformer,
+                           lambda: random_inputs(transformer, text_tokens, args.device, args.dtype, args.seed))
 
 
 if __name__ == "__main__":
