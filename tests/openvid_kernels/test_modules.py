@@ -3,7 +3,6 @@ the ops themselves are checked against their references in the other files)."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import openvid_kernels as ok
 
