@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -52,10 +53,19 @@ def run_trainer(nproc: int, config: str, cache: Path, outdir: Path, steps: int, 
                  "num_workers=2", *sets]:
         command += ["--set", item]
     env = dict(os.environ, NCCL_NVLS_ENABLE="0", OMP_NUM_THREADS="1")
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
     log = outdir / "losses.jsonl"
-    if result.returncode != 0 or not log.is_file():
-        return {"error": (result.stderr or result.stdout)[-1500:]}
+    # Its own process group, so that a run past its time is ended with all of torchrun's workers.
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:  # the steps logged so far still tell the step time
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        entries = [json.loads(line) for line in log.read_text().splitlines() if line] if log.is_file() else []
+        return {"log": entries, "timed_out": True} if entries else {"error": f"timed out after {timeout} s"}
+    if process.returncode != 0 or not log.is_file():
+        return {"error": (stderr or stdout)[-1500:]}
     return {"log": [json.loads(line) for line in log.read_text().splitlines() if line]}
 
 

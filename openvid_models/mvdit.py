@@ -117,5 +117,5 @@ class MVDiT(STDiT):
         y = y.expand(-1, self.frames_per_rank, -1, -1).flatten(1, 2)  # [B, T*L, C], a copy per frame
         mods = [block(t) for block in (self.t_block, self.t_block_y, self.t_block_temp, self.t_block_y_temp)]
         for i, block in enumerate(self.blocks):
-            x, y = self.run_block(block, x, y, y_lens, *mods, self.temporal_pos_embed() if i == 0 else None)
+            x, y = self.run_block(i, block, x, y, y_lens, *mods, self.temporal_pos_embed() if i == 0 else None)
         return self.unpatchify(self.final_layer(x, t)).float()

@@ -90,7 +90,8 @@ class STDiT(nn.Module):
         self.grid = tuple(size // patch for size, patch in zip(self.input_size, self.patch_size))  # T, H, W
         self.num_temporal = self.grid[0]
         self.num_spatial = self.grid[1] * self.grid[2]
-        self.grad_checkpointing = False  # activation checkpointing per block, in training
+        self.grad_checkpointing = False  # activation checkpointing per block, in training ...
+        self.checkpointed_blocks: int | None = None  # ... of the first N blocks only (None: all): memory for speed
         self.sequence_parallel = None  # a process group over which the frames are split (set_sequence_parallel)
         self.frames_per_rank = self.num_temporal
 
@@ -209,7 +210,7 @@ class STDiT(nn.Module):
         y_lens = caption_lengths(mask, y)
         t_mod = self.t_block(t)
         for i, block in enumerate(self.blocks):
-            x = self.run_block(block, x, y, y_lens, t_mod, self.temporal_pos_embed() if i == 0 else None)
+            x = self.run_block(i, block, x, y, y_lens, t_mod, self.temporal_pos_embed() if i == 0 else None)
         return self.unpatchify(self.final_layer(x, t)).float()
 
     def temporal_pos_embed(self) -> torch.Tensor:
@@ -233,8 +234,9 @@ class STDiT(nn.Module):
         x = (x.unflatten(1, (self.frames_per_rank, self.num_spatial)) + self.pos_embed[:, None].to(dtype)).flatten(1, 2)
         return x, self.t_embedder(timestep, dtype), self.y_embedder(y.to(dtype), self.training, force_drop_ids)
 
-    def run_block(self, block, *args):
-        if self.grad_checkpointing and torch.is_grad_enabled():
+    def run_block(self, index: int, block, *args):
+        recompute = self.grad_checkpointing and (self.checkpointed_blocks is None or index < self.checkpointed_blocks)
+        if recompute and torch.is_grad_enabled():
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 

@@ -31,7 +31,9 @@ class TrainConfig:
     class_dropout_prob: float = 0.1  # captions replaced by the null caption (classifier-free guidance)
     freeze: str | None = None  # None, "not_temporal", "text" (STDiT.freeze)
     init_from: str | None = None  # .safetensors/.pt of the previous stage (or PixArt-alpha: an image model)
-    grad_checkpointing: bool = True  # activation checkpointing per block
+    grad_checkpointing: bool = True  # activation checkpointing per block ...
+    checkpointed_blocks: int | None = None  # ... of the first N blocks only (None: all); fewer recompute less
+    compile_blocks: bool = False  # torch.compile each block (in place: parameter names unchanged)
 
     # -- text encoder and autoencoder -----------------------------------------------------------------------
     text_encoder: str = "tiny"  # a local T5 directory, or "tiny": a random frozen T5 with a tokenizer of the
@@ -107,6 +109,8 @@ class TrainConfig:
         need(self.grad_clip > 0, f"grad_clip must be > 0, got {self.grad_clip}")
         need(self.v_weight_cap is None or self.v_weight_cap >= 1, f"v_weight_cap must be None or >= 1, got "
              f"{self.v_weight_cap}")
+        need(self.checkpointed_blocks is None or self.checkpointed_blocks >= 0,
+             f"checkpointed_blocks must be None or >= 0, got {self.checkpointed_blocks}")
         need(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
 
 

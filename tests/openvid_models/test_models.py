@@ -79,16 +79,17 @@ def test_activation_checkpointing_gives_the_same_gradients(model_class):
     model = tiny_model(model_class).train()
     inputs = tiny_inputs()
     results = []
-    for checkpointing in (False, True):
-        model.grad_checkpointing = checkpointing
+    for checkpointing, blocks in ((False, None), (True, None), (True, 1)):  # none, all, the first block only
+        model.grad_checkpointing, model.checkpointed_blocks = checkpointing, blocks
         model.zero_grad()
         torch.manual_seed(5)  # the caption dropout draws
         model(*inputs).square().mean().backward()
         results.append([p.grad for p in model.parameters()])
-    for plain, checkpointed in zip(*results):
-        assert (plain is None) == (checkpointed is None)
-        if plain is not None:
-            torch.testing.assert_close(checkpointed, plain)
+    for plain, *checkpointed in zip(*results):
+        for grad in checkpointed:
+            assert (plain is None) == (grad is None)
+            if plain is not None:
+                torch.testing.assert_close(grad, plain)
 
 
 @by_name

@@ -127,6 +127,18 @@ def test_sequence_parallel_ranks_match_one_rank(sample_set, reference_run, tmp_p
     assert_same_losses(read_losses(tmp_path), read_losses(reference_run))
 
 
+def test_compiled_checkpointed_blocks_match_the_plain_run(sample_set, reference_run, tmp_path):
+    """The throughput options (torch.compile per block, activation checkpointing) change no loss: the losses of
+    the plain run to float tolerance (compiled kernels round differently), and the EMA export keeps the names."""
+    run_cli(toy_args(sample_set, tmp_path, "batch_size=4", "max_steps=16", "ckpt_every=16", "compile_blocks=true",
+                     "grad_checkpointing=true", "checkpointed_blocks=1"), timeout=400)
+    assert_same_losses(read_losses(tmp_path), read_losses(reference_run), rtol=1e-3, atol=1e-5)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "ema.safetensors"), "pt") as f:
+        assert "blocks.0.attn.qkv.weight" in set(f.keys())
+
+
 def test_sp_size_must_divide_the_ranks_frames_and_heads(sample_set, tmp_path):
     with pytest.raises(ValueError, match=r"sp_size=2 must divide the number of ranks \(1\)"):
         train(toy_config(sample_set, tmp_path, "sp_size=2", "max_steps=1"), device="cpu", progress=False)
@@ -238,6 +250,21 @@ def test_multi_gpu_scaling_script_runs_its_plumbing_on_gloo_ranks(tmp_path):
         assert row["step_s"] > 0 and row["tokens_per_s"] > 0 and row["losses"]["1"] > 0
     assert report["fsdp"]["1"]["efficiency"] == 1.0
     assert "| 2 |" in (tmp_path / "scaling.md").read_text()
+
+
+def test_train_throughput_script_runs_its_plumbing_on_the_cpu(tmp_path):
+    """benchmarks/train_throughput.py (issue #9) with a toy model: two cases run and report tokens/s and MFU."""
+    command = [sys.executable, str(REPO / "benchmarks" / "train_throughput.py"), "--device", "cpu", "--cases",
+               "stdit256-b8-ckpt", "stdit256-b8", "--steps", "2", "--out", str(tmp_path)]
+    for item in ["hidden_size=32", "depth=1", "num_heads=2", "dtype=fp32", "num_workers=0"]:
+        command += ["--set", item]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "train_throughput.json").read_text())
+    assert set(report["cases"]) == {"stdit256-b8-ckpt", "stdit256-b8"}
+    for row in report["cases"].values():
+        assert row["step_s"] > 0 and row["tokens_per_s"] > 0 and row["mfu"] > 0, row
+    assert "| stdit256-b8 |" in (tmp_path / "train_throughput.md").read_text()
 
 
 def test_v_weight_cap_weights_the_noise_mse_by_capped_inverse_alpha_bar():
