@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -65,7 +66,9 @@ def run_trainer(nproc: int, config: str, cache: Path, outdir: Path, steps: int, 
         entries = [json.loads(line) for line in log.read_text().splitlines() if line] if log.is_file() else []
         return {"log": entries, "timed_out": True} if entries else {"error": f"timed out after {timeout} s"}
     if process.returncode != 0 or not log.is_file():
-        return {"error": (stderr or stdout)[-1500:]}
+        # The workers' exception, not torchrun's report that follows it.
+        errors = [line for line in (stderr or stdout).splitlines() if re.search(r"\w(Error|Exception): ", line)]
+        return {"error": errors[0] if errors else (stderr or stdout)[-1500:]}
     return {"log": [json.loads(line) for line in log.read_text().splitlines() if line]}
 
 

@@ -41,10 +41,7 @@ class Case:
 
 CASES = {
     "stdit256-b8-ckpt": Case("STDiT-16x256x256", 8),
-    "stdit256-b8-ckpt-compile": Case("STDiT-16x256x256", 8, ("compile_blocks=true",)),
     "stdit256-b8": Case("STDiT-16x256x256", 8, ("grad_checkpointing=false",)),
-    "stdit256-b8-compile": Case("STDiT-16x256x256", 8, ("grad_checkpointing=false", "compile_blocks=true")),
-    "stdit256-b16-ckpt14-compile": Case("STDiT-16x256x256", 16, ("checkpointed_blocks=14", "compile_blocks=true")),
     "stdit512-b8-ckpt": Case("STDiT-16x512x512", 8),
     "mvdit512-b4-ckpt": Case("MVDiT-16x512x512", 4),
 }

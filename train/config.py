@@ -33,7 +33,6 @@ class TrainConfig:
     init_from: str | None = None  # .safetensors/.pt of the previous stage (or PixArt-alpha: an image model)
     grad_checkpointing: bool = True  # activation checkpointing per block ...
     checkpointed_blocks: int | None = None  # ... of the first N blocks only (None: all); fewer recompute less
-    compile_blocks: bool = False  # torch.compile each block (in place: parameter names unchanged)
 
     # -- text encoder and autoencoder -----------------------------------------------------------------------
     text_encoder: str = "tiny"  # a local T5 directory, or "tiny": a random frozen T5 with a tokenizer of the

@@ -408,9 +408,6 @@ def _run(config, resume, progress, _before_publish, outdir, rank, world, dev, me
     if config.init_from and resume is None:
         initialise_from(model, config.init_from)
     model.grad_checkpointing, model.checkpointed_blocks = config.grad_checkpointing, config.checkpointed_blocks
-    if config.compile_blocks:
-        for block in model.blocks:
-            block.compile()  # nn.Module.compile: in place, so checkpoints keep upstream's names
     model.set_sequence_parallel(sp_group)
     model.train()
     shard_model(model, mesh, DTYPES[config.dtype])

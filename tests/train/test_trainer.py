@@ -127,16 +127,20 @@ def test_sequence_parallel_ranks_match_one_rank(sample_set, reference_run, tmp_p
     assert_same_losses(read_losses(tmp_path), read_losses(reference_run))
 
 
-def test_compiled_checkpointed_blocks_match_the_plain_run(sample_set, reference_run, tmp_path):
-    """The throughput options (torch.compile per block, activation checkpointing) change no loss: the losses of
-    the plain run to float tolerance (compiled kernels round differently), and the EMA export keeps the names."""
-    run_cli(toy_args(sample_set, tmp_path, "batch_size=4", "max_steps=16", "ckpt_every=16", "compile_blocks=true",
-                     "grad_checkpointing=true", "checkpointed_blocks=1"), timeout=400)
-    assert_same_losses(read_losses(tmp_path), read_losses(reference_run), rtol=1e-3, atol=1e-5)
-    from safetensors import safe_open
-
-    with safe_open(str(tmp_path / "ema.safetensors"), "pt") as f:
-        assert "blocks.0.attn.qkv.weight" in set(f.keys())
+def test_checkpointed_blocks_match_the_plain_run(sample_set, tmp_path):
+    """Activation checkpointing (all blocks, or the first N) changes no loss: the plain run's losses."""
+    for blocks in ("none", "1"):
+        outdir = tmp_path / blocks
+        run_cli(toy_args(sample_set, outdir, "batch_size=4", "max_steps=16", "ckpt_every=16", "depth=2",
+                         "grad_checkpointing=true", f"checkpointed_blocks={blocks}"))
+        losses = read_losses(outdir)
+        if blocks == "none":
+            expected = losses  # depth 2, every block recomputed
+        else:
+            assert_same_losses(losses, expected, rtol=1e-6, atol=1e-7)
+    plain = tmp_path / "plain"
+    run_cli(toy_args(sample_set, plain, "batch_size=4", "max_steps=16", "ckpt_every=16", "depth=2"))
+    assert_same_losses(read_losses(plain), expected, rtol=1e-6, atol=1e-7)
 
 
 def test_sp_size_must_divide_the_ranks_frames_and_heads(sample_set, tmp_path):
