@@ -9,7 +9,7 @@ Measures, on this rank, for one sample of ``frames x size x size`` pixels (laten
     python benchmarks/sequence_parallel_memory.py --model STDiT-XL/2 --frames 16 --size 1024
     torchrun --nproc_per_node=4 benchmarks/sequence_parallel_memory.py --frames 16 --size 1024   # sp = 4
 
-Prints one JSON object per rank (rank 0 only when all ranks agree to a few percent).
+Prints one JSON object per rank.
 """
 
 from __future__ import annotations

@@ -50,10 +50,10 @@ def load(args, transformer_class, pipeline_class, tiny_config: dict):
     return pipe, transformer.to(args.device).eval()
 
 
-def timed(fn, warm_up: bool):
-    """fn()'s result and seconds; ``warm_up`` runs it once first (Triton compiles on the first call)."""
-    if warm_up:
-        fn()
+def timed(fn, warm_up):
+    """fn()'s result and seconds; ``warm_up`` (a function) runs first, so that Triton's compiles on first calls
+    are not timed."""
+    warm_up()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -70,15 +70,20 @@ def compare_stock_and_ours(args, pipe, transformer, random_inputs) -> None:
     if pipe is None:
         inputs = random_inputs()
 
-        def run():
+        def run(steps=None):  # one forward: no steps
             with torch.no_grad():
                 return transformer(**inputs).sample
-        warm_up, what = True, "transformer forward"
+        what = "transformer forward"
     else:
-        def run():
+        def run(steps=args.steps):
             generator = torch.Generator(args.device).manual_seed(args.seed)
-            return pipe(args.prompt, num_inference_steps=args.steps, generator=generator, output_type="latent").images
-        warm_up, what = False, f"{args.steps}-step sampling run (latents)"
+            # A tuple's first item: the latents under every pipeline's output class (Latte's holds `frames`).
+            return pipe(args.prompt, num_inference_steps=steps, generator=generator, output_type="latent",
+                        return_dict=False)[0]
+        what = f"{args.steps}-step sampling run (latents)"
+
+    def warm_up():
+        run(steps=1)  # one step (or one forward) on the processors in place compiles what they launch
 
     stock, stock_s = timed(run, warm_up)
     print(patch_diffusers_model(transformer, backend=args.backend))

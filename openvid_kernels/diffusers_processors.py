@@ -23,14 +23,14 @@ caption mask into ``(1 - mask) * -10000.0`` of shape ``[B, 1, L]``). A mask that
 and head, with values 0 (keep) and <= -10000 as the mask's dtype holds it / ``-inf`` / False (drop), runs
 exactly: kept keys that are not a prefix are gathered to the front (attention does not depend on key order)
 and their count is passed as ``kv_lens``. A row whose keys are all dropped by one finite bias (-10000 on
-every key) attends to all keys, as the bias cancels in stock diffusers' softmax; all ``-inf`` / False gives
-zeros, as PyTorch's SDPA math path does. Checking a mask reads it back to the host once; the result is cached
-on the mask tensor's identity and version, so a forward pass that hands every block the same mask checks it
-once.
+every key, at least -1e5) attends to all keys, as the bias cancels in stock diffusers' softmax; all ``-inf`` /
+False gives zeros, as PyTorch's SDPA math path does. Checking a mask reads it back to the host once; the verdict
+is cached on the mask tensor's identity and version, so a forward pass that hands every block the same mask
+checks it once (the lengths themselves are recomputed on the device in every call).
 
 Anything else runs on the stock processor: modules the patch cannot take are left on their original
 processor (listed in the report, with a warning); per call, masks that are not key-padding masks (other
-values, per-query or per-head masks), dtypes the kernels do not take and masks first seen while a CUDA graph
+values, per-query or per-head masks, a fully masked row of one bias below -1e5), dtypes the kernels do not take and masks first seen while a CUDA graph
 is being captured fall back to the original processor with a warning, once per processor and reason.
 :func:`unpatch_diffusers_model` restores the original processors.
 
@@ -40,6 +40,7 @@ diffusers is imported lazily, so this module imports without it.
 from __future__ import annotations
 
 import functools
+import math
 import re
 import warnings
 import weakref
@@ -65,6 +66,9 @@ __all__ = [
 # PixArt's mask bias; a key is dropped where the bias is at most this, as the mask's dtype rounds it (bf16 holds
 # -9984). exp(bias + score) then underflows to exactly 0 in the fp32 softmax while scores differ by < ~9800.
 MASKED_BIAS = -10000.0
+# A key-padding row whose keys are all dropped by one bias at or above this cancels in the fp32 softmax (the
+# scores keep about 1e-3 of their precision next to it); below it the scores round away.
+CANCELLING_BIAS_FLOOR = -1e5
 _MASK_CACHE_SIZE = 16
 
 
@@ -99,32 +103,50 @@ class _KeyPadding:
     order: torch.Tensor | None  # int64 [B, L], kept keys first in their order; None: kept keys are a prefix
 
 
-def _analyse_mask(attn, mask: torch.Tensor, batch: int, num_queries: int, num_keys: int,
-                  device: torch.device) -> _KeyPadding | str:
-    """The mask as key lengths (and a key order), or why it cannot be one. Reads the mask back once."""
+@dataclass(frozen=True)
+class _MaskVerdict:
+    """What checking a mask on the host found: the mask is a key-padding mask of this structure."""
+
+    all_kept: bool
+    is_prefix: bool
+
+
+def _first_row_and_kept(attn, mask, batch: int, num_keys: int):
+    """(the mask broadcast as stock diffusers does, ``[B, heads, queries or 1, L]``; its first row ``[B, L]``;
+    the kept keys ``[B, L]``). Device work only. A row whose keys are all dropped by one finite bias keeps them
+    all (the bias cancels in the softmax); otherwise the zeros (or True) are kept."""
+    per_head = attn.prepare_attention_mask(mask, num_keys, batch).view(batch, attn.heads, -1, num_keys)
+    first = per_head[:, 0, 0, :]
+    if first.dtype == torch.bool:
+        return per_head, first, first
+    keep = first == 0
+    return per_head, first, torch.where(keep.any(-1)[:, None], keep, torch.isfinite(first))
+
+
+def _check_mask(attn, mask: torch.Tensor, batch: int, num_queries: int, num_keys: int) -> _MaskVerdict | str:
+    """Whether the mask is a key-padding mask (and its structure), or why not. Reads the mask back once."""
     if mask.dtype != torch.bool and not mask.is_floating_point():
         return f"an attention mask of dtype {mask.dtype} (expected bool or floating point)"
     if mask.dim() < 2 or mask.shape[-1] != num_keys:
         return f"an attention mask of shape {list(mask.shape)} for {num_keys} keys (expected [..., {num_keys}])"
     try:
-        # Exactly how stock diffusers broadcasts the mask to [batch, heads, queries or 1, keys].
-        per_head = attn.prepare_attention_mask(mask, num_keys, batch).view(batch, attn.heads, -1, num_keys)
+        per_head, first, kept = _first_row_and_kept(attn, mask, batch, num_keys)
     except RuntimeError:
         return f"an attention mask of shape {list(mask.shape)} that diffusers cannot broadcast"
     if per_head.shape[2] not in (1, num_queries):
         return f"an attention mask of shape {list(mask.shape)} that does not broadcast over {num_queries} queries"
-    first = per_head[:, :1, :1, :]
-    same_for_all = (per_head == first).all()
-    first = first[:, 0, 0, :]  # [B, L]
+    same_for_all = (per_head == per_head[:, :1, :1, :]).all()
     if first.dtype == torch.bool:
-        kept, values_ok = first, torch.ones((), dtype=torch.bool, device=first.device)
+        values_ok = torch.ones((), dtype=torch.bool, device=first.device)
     else:
         keep = first == 0
         drop = first <= torch.tensor(MASKED_BIAS, dtype=first.dtype).item()
-        any_kept = keep.any(-1)
-        one_value = (first == first[:, :1]).all(-1)  # a fully dropped row of one value: the bias cancels
-        values_ok = (keep | drop).all() & (any_kept | one_value).all()
-        kept = torch.where(any_kept[:, None], keep, torch.isfinite(first))
+        # A fully dropped row of one value cancels in the softmax if fp32 still resolves the scores next to it
+        # (stock then attends to all keys with their scores), or is -inf (zeros); a lower finite bias rounds
+        # the scores away (stock averages the values uniformly), which no key-padding mask expresses.
+        row = first[:, :1]
+        cancels = (first == row).all(-1) & ((row[:, 0] >= CANCELLING_BIAS_FLOOR) | (row[:, 0] == -math.inf))
+        values_ok = (keep | drop).all() & (keep.any(-1) | cancels).all()
     is_prefix = (kept[:, :-1] | ~kept[:, 1:]).all()
     flags = torch.stack([same_for_all, values_ok, is_prefix, kept.all()]).tolist()  # the one host sync
     same_for_all, values_ok, is_prefix, all_kept = flags
@@ -132,38 +154,46 @@ def _analyse_mask(attn, mask: torch.Tensor, batch: int, num_queries: int, num_ke
         return "an attention mask that differs between queries or heads (or holds NaN), not a key-padding mask"
     if not values_ok:
         return ("an attention mask with values other than 0 (keep) and <= -10000 / -inf (drop), or a fully "
-                "masked row of mixed values")
-    if all_kept:
-        return _KeyPadding(None, None)
-    order = None if is_prefix else torch.argsort((~kept).to(torch.int8), dim=-1, stable=True).to(device)
-    return _KeyPadding(kept.sum(-1, dtype=torch.int32).to(device), order)
+                f"masked row of mixed values or of one value below {CANCELLING_BIAS_FLOOR:g}")
+    return _MaskVerdict(all_kept, is_prefix)
 
 
-_mask_cache: OrderedDict[tuple, tuple[weakref.ref, _KeyPadding | str]] = OrderedDict()
+_mask_cache: OrderedDict[tuple, tuple[weakref.ref, _MaskVerdict | str]] = OrderedDict()
 
 
 def _key_padding(attn, mask, batch, num_queries, num_keys, device) -> _KeyPadding | str:
-    """:func:`_analyse_mask`, cached on the mask tensor's identity and version (every block of a forward gets
-    the same mask tensor). Inference tensors keep no version counter, so they are checked on every call."""
+    """The mask as key lengths (and a key order), or why it cannot be one.
+
+    The host-side check (:func:`_check_mask`) is cached on the mask tensor's identity and version (every block
+    of a forward gets the same mask tensor); inference tensors keep no version counter, so they are checked on
+    every call. The lengths and the order are computed from the mask on the device in every call, so a CUDA
+    graph captured after a warm call reads the mask's current contents at each replay (a mask refilled in
+    place must keep the structure it was checked with: which rows are all kept, kept keys a prefix or not)."""
     try:
         version = mask._version
     except RuntimeError:
         version = None
-    key = (id(mask), version, batch, attn.heads, num_queries, num_keys, str(device))
-    if version is not None:
-        hit = _mask_cache.get(key)
-        if hit is not None and hit[0]() is mask:
-            _mask_cache.move_to_end(key)
-            return hit[1]
-    if mask.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+    key = (id(mask), version, batch, attn.heads, num_queries, num_keys)
+    hit = _mask_cache.get(key) if version is not None else None
+    if hit is not None and hit[0]() is mask:
+        _mask_cache.move_to_end(key)
+        verdict = hit[1]
+    elif mask.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return ("a mask first seen while a CUDA graph is captured (checking it needs a host sync; run the model "
                 "once with the same mask tensor before capturing)")
-    result = _analyse_mask(attn, mask, batch, num_queries, num_keys, device)
-    if version is not None:
-        _mask_cache[key] = (weakref.ref(mask), result)
-        while len(_mask_cache) > _MASK_CACHE_SIZE:
-            _mask_cache.popitem(last=False)
-    return result
+    else:
+        verdict = _check_mask(attn, mask, batch, num_queries, num_keys)
+        if version is not None:
+            _mask_cache[key] = (weakref.ref(mask), verdict)
+            while len(_mask_cache) > _MASK_CACHE_SIZE:
+                _mask_cache.popitem(last=False)
+    if isinstance(verdict, str):
+        return verdict
+    if verdict.all_kept:
+        return _KeyPadding(None, None)
+    kept = _first_row_and_kept(attn, mask, batch, num_keys)[2]
+    order = None if verdict.is_prefix else torch.argsort((~kept).to(torch.int8), dim=-1, stable=True).to(device)
+    return _KeyPadding(kept.sum(-1, dtype=torch.int32).to(device), order)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -22,8 +22,6 @@ import torch.distributed as dist
 from openvid_kernels.temporal import temporal_attention_packed
 
 
-
-
 def _all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group) -> torch.Tensor:
     size = dist.get_world_size(group)
     if size == 1:

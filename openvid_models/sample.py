@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import re
 import sys
 import time
@@ -348,8 +349,6 @@ def sequence_parallel_group(sp_size: int, device: str):
         raise ValueError(f"--sp-size must be >= 1, got {sp_size}")
     if sp_size == 1:
         return None, device, 0
-    import os  # noqa: PLC0415
-
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world != sp_size:
         raise ValueError(f"--sp-size {sp_size} needs {sp_size} processes (torchrun --nproc_per_node={sp_size}); this "
@@ -368,6 +367,15 @@ def main(argv=None) -> list[Path]:
     config = config_from_args(args)
     prompts = read_prompts(args.prompt, args.prompt_file)
     group, device, rank = sequence_parallel_group(args.sp_size, args.device)
+    try:
+        return generate(args, config, prompts, group, device, rank)
+    finally:
+        if group is not None:
+            dist.destroy_process_group()
+
+
+def generate(args, config, prompts, group, device, rank) -> list[Path]:
+    """The videos of ``prompts`` written under ``args.out`` (by rank 0; other ranks return [])."""
     pipe = TextToVideo.from_config(config, args.ckpt, args.t5, args.vae, device=device, text_encoder_after="free",
                                    sequence_parallel=group)
     start = time.perf_counter()

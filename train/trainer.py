@@ -359,9 +359,10 @@ def read_losses(outdir) -> dict[int, float]:
 
 
 def _truncate_losses(outdir: Path, last_step: int) -> None:
-    """Keep the log's entries up to ``last_step`` (a resumed run rewrites what came after its checkpoint)."""
-    kept = {s: v for s, v in read_losses(outdir).items() if s <= last_step}
-    text = "".join(json.dumps({"step": s, "loss": v}) + "\n" for s, v in sorted(kept.items()))
+    """Keep the log's entries up to ``last_step``, whole (a resumed run rewrites what came after its
+    checkpoint)."""
+    lines = (outdir / LOSSES_FILE).read_text().splitlines() if (outdir / LOSSES_FILE).is_file() else []
+    text = "".join(line + "\n" for line in lines if line and json.loads(line)["step"] <= last_step)
     partial = outdir / (LOSSES_FILE + ".partial")
     partial.write_text(text)
     os.replace(partial, outdir / LOSSES_FILE)
@@ -487,6 +488,7 @@ def _run(config, resume, progress, _before_publish, outdir, rank, world, dev, me
                 writer.add_scalar("step_time_s", elapsed, step)
         stopped = stop.any_rank(dev)
         if step % config.ckpt_every == 0 or step == config.max_steps or stopped:
+            gc.collect()  # the full pass the scheduled ones (generation 1) leave out
             _save(ckpt_dir, step, model, optimizer, ema, loader, config, _before_publish)
             last_saved = step
         if stopped:

@@ -291,8 +291,8 @@ def test_bad_arguments_are_named():
 
 def test_mask_is_checked_once_per_forward_and_again_after_an_in_place_change(monkeypatch):
     calls = []
-    analyse = dp._analyse_mask
-    monkeypatch.setattr(dp, "_analyse_mask", lambda *a: calls.append(1) or analyse(*a))
+    check = dp._check_mask
+    monkeypatch.setattr(dp, "_check_mask", lambda *a: calls.append(1) or check(*a))
     model = pixart()
     ours = patched(model, "reference")
     inputs = pixart_inputs(torch.float32)
@@ -357,7 +357,7 @@ def test_bf16_pixart_mask_keys_are_found():
     bias = (1 - inputs["encoder_attention_mask"][:, None]) * -10000.0
     assert bias.min().item() == -9984.0
     with torch.no_grad():
-        padding = dp._analyse_mask(model.transformer_blocks[0].attn2, bias, 4, 16, 10, torch.device("cpu"))
+        padding = dp._key_padding(model.transformer_blocks[0].attn2, bias, 4, 16, 10, torch.device("cpu"))
     assert isinstance(padding, dp._KeyPadding)
     assert padding.kv_lens.tolist() == [10, 6, 6, 10]  # the all-masked caption attends to all keys
     assert padding.order[2, :6].tolist() == [1, 2, 4, 5, 7, 8]
@@ -379,6 +379,28 @@ def test_unrepresentable_masks_fall_back_with_a_warning_and_match_stock(backend)
         with warnings.catch_warnings():  # warned once per processor, not per call
             warnings.simplefilter("error")
             forward(ours, dict(inputs, encoder_attention_mask=soft))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_a_caption_dropped_by_a_bias_too_low_to_cancel_falls_back(backend):
+    """Every key of a caption at -1e9: fp32 rounds the scores away and stock averages the values uniformly,
+    which no key length expresses, so that call runs on the stock processor; at -10000 the bias cancels and
+    the call stays on ours (all keys attended with their scores, as stock)."""
+    model = pixart()
+    inputs = pixart_inputs(torch.float32)
+    bias = (1 - inputs.pop("encoder_attention_mask")[:, None]) * -10000.0
+    bias[1] = -10000.0  # caption 1: every key dropped by one bias
+    ours = patched(model, backend)
+    with torch.no_grad():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # -10000: no fallback
+            out = forward(ours, dict(inputs, encoder_attention_mask=bias))
+        assert_matches(out, forward(model, dict(inputs, encoder_attention_mask=bias)), FP32_TOLERANCE, "-1e4 row")
+        bias[1] = -1e9
+        expected = forward(model, dict(inputs, encoder_attention_mask=bias))
+        with pytest.warns(UserWarning, match="one value below -100000"):
+            out = forward(ours, dict(inputs, encoder_attention_mask=bias))
+        assert_matches(out, expected, FP32_TOLERANCE, "-1e9 row")
 
 
 def attention_modules():
@@ -553,7 +575,8 @@ def test_bf16_error_at_most_twice_stock_bf16(name, backend):
 @pytest.mark.gpu
 def test_cuda_graph_capture_with_a_validated_mask():
     """A mask tensor checked before capture (the same object every step) is read from the cache while a CUDA
-    graph is captured, so the patched forward captures and replays."""
+    graph is captured, so the patched forward captures and replays; refilled in place with other lengths (the
+    same structure), the replay follows it."""
     model, inputs = gpu_case("pixart")
     model = model.cuda().to(torch.bfloat16)
     inputs = cast(inputs, torch.bfloat16, "cuda")
@@ -571,4 +594,14 @@ def test_cuda_graph_capture_with_a_validated_mask():
             captured = forward(model, inputs)
         graph.replay()
         torch.cuda.synchronize()
-    torch.testing.assert_close(captured, eager, rtol=0, atol=0)
+        torch.testing.assert_close(captured, eager, rtol=0, atol=0)
+
+        mask = inputs["encoder_attention_mask"]  # [B, 1, L]
+        kept = mask[:, 0] == 0
+        row = int(kept.sum(-1).argmax())
+        mask[row, 0, int(kept[row].nonzero().max())] = -10000.0  # one real token fewer in that caption
+        refilled = forward(model, inputs)
+        assert not torch.equal(refilled, eager)
+        graph.replay()
+        torch.cuda.synchronize()
+    torch.testing.assert_close(captured, refilled, rtol=0, atol=0)
