@@ -30,8 +30,9 @@ checks it once (the lengths themselves are recomputed on the device in every cal
 
 Anything else runs on the stock processor: modules the patch cannot take are left on their original
 processor (listed in the report, with a warning); per call, masks that are not key-padding masks (other
-values, per-query or per-head masks, a fully masked row of one bias below -1e5), dtypes the kernels do not take and masks first seen while a CUDA graph
-is being captured fall back to the original processor with a warning, once per processor and reason.
+values, per-query or per-head masks, a fully masked row of one bias below -1e5) and masks first seen while a
+CUDA graph is being captured fall back to the original processor with a warning, once per processor and
+reason. A dtype the kernels do not take (float64) runs the attention on the reference ops, also with a warning.
 :func:`unpatch_diffusers_model` restores the original processors.
 
 diffusers is imported lazily, so this module imports without it.
@@ -218,17 +219,22 @@ class _OpenVidProcessor:
         self.original = original
         self._warned: set[str] = set()
 
-    def _fall_back(self, reason: str, call):
+    def _warn_once(self, reason: str, instead: str) -> None:
         if reason not in self._warned:
             self._warned.add(reason)
-            warnings.warn(f"{type(self).__name__}: {reason}; this call runs on diffusers' "
-                          f"{type(self.original).__name__}", stacklevel=3)
+            warnings.warn(f"{type(self).__name__}: {reason}; this call runs on {instead}", stacklevel=4)
+
+    def _fall_back(self, reason: str, call):
+        self._warn_once(reason, f"diffusers' {type(self.original).__name__}")
         return call()
 
-    def _unsupported_dtype(self, x: torch.Tensor) -> str | None:
+    def _call_backend(self, x: torch.Tensor) -> str | None:
+        """This call's backend: the processor's, or the reference ops for a dtype the kernels do not take (on
+        the tensors already projected, so that projections, LoRA layers and hooks run once)."""
         if x.dtype in attention_args.KERNEL_DTYPES or backends.resolve_backend(self.backend, x.device) == "reference":
-            return None
-        return f"dtype {x.dtype}, which the kernels do not take"
+            return self.backend
+        self._warn_once(f"dtype {x.dtype}, which the kernels do not take", "the reference (PyTorch) ops")
+        return "reference"
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(backend={self.backend!r}, original={type(self.original).__name__})"
@@ -303,13 +309,11 @@ class OpenVidAttnProcessor(_OpenVidProcessor):
         q, k, v = (t.view(batch_size, -1, attn.heads, head_dim) for t in (query, key, value))
         if not self._classic:  # the classic processor applies no qk-norm
             q, k = _heads_first(attn.norm_q, q), _heads_first(attn.norm_k, k)
-        problem = self._unsupported_dtype(q)
-        if problem is not None:
-            return self._fall_back(problem, stock)
+        backend = self._call_backend(q)
 
         # SDPA's default scale in AttnProcessor2_0 (it ignores attn.scale); the classic processor uses attn.scale.
         scale = attn.scale if self._classic else None
-        out = self._attend(q, k, v, encoder_hidden_states is not None, key_padding, scale)
+        out = self._attend(q, k, v, encoder_hidden_states is not None, key_padding, scale, backend)
         hidden_states = out.flatten(2).to(query.dtype)
 
         hidden_states = attn.to_out[0](hidden_states)
@@ -320,17 +324,17 @@ class OpenVidAttnProcessor(_OpenVidProcessor):
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
 
-    def _attend(self, q, k, v, cross: bool, key_padding: _KeyPadding | None, scale):
+    def _attend(self, q, k, v, cross: bool, key_padding: _KeyPadding | None, scale, backend: str | None):
         masked = key_padding is not None and key_padding.kv_lens is not None
         if masked and key_padding.order is not None:
             index = key_padding.order[:, :, None, None].expand(-1, -1, *k.shape[2:])
             k, v = k.gather(1, index), v.gather(1, index)
         if cross or masked:
             kv_lens = key_padding.kv_lens if masked else None
-            return cross_attention(q, k, v, kv_lens, softmax_scale=scale, backend=self.backend)
+            return cross_attention(q, k, v, kv_lens, softmax_scale=scale, backend=backend)
         if self.temporal and q.shape[1] <= MAX_FRAMES:
-            return temporal_attention(q, k, v, scale, self.backend)  # [N, T, H, D]: N sequences of T frames
-        return spatial_attention(q, k, v, scale, self.backend)
+            return temporal_attention(q, k, v, scale, backend)  # [N, T, H, D]: N sequences of T frames
+        return spatial_attention(q, k, v, scale, backend)
 
 
 class OpenVidJointAttnProcessor(_OpenVidProcessor):
@@ -359,10 +363,7 @@ class OpenVidJointAttnProcessor(_OpenVidProcessor):
         head_dim = key.shape[-1] // attn.heads
         q, k, v = (t.view(batch_size, -1, attn.heads, head_dim) for t in (query, key, value))
         q, k = _heads_first(attn.norm_q, q), _heads_first(attn.norm_k, k)
-        problem = self._unsupported_dtype(q)
-        if problem is not None:
-            return self._fall_back(problem, functools.partial(
-                self.original, attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs))
+        backend = self._call_backend(q)
 
         num_image_tokens = q.shape[1]
         if encoder_hidden_states is not None:
@@ -371,7 +372,7 @@ class OpenVidJointAttnProcessor(_OpenVidProcessor):
             cq, ck, cv = (t.view(batch_size, -1, attn.heads, head_dim) for t in context)
             cq, ck = _heads_first(attn.norm_added_q, cq), _heads_first(attn.norm_added_k, ck)
             q, k, v = (torch.cat(pair, dim=1) for pair in ((q, cq), (k, ck), (v, cv)))
-        out = spatial_attention(q, k, v, backend=self.backend).flatten(2).to(query.dtype)
+        out = spatial_attention(q, k, v, backend=backend).flatten(2).to(query.dtype)
 
         hidden_states = out[:, :num_image_tokens]
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))

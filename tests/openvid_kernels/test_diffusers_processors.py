@@ -492,14 +492,21 @@ def test_per_query_and_per_head_masks_fall_back():
 
 
 @pytest.mark.skipif(not TRITON_INTERPRET, reason="Triton on CPU tensors needs TRITON_INTERPRET=1")
-def test_unsupported_dtype_falls_back_per_call():
+def test_unsupported_dtype_runs_on_the_reference_ops_per_call():
+    """float64 on the Triton backend: that call's attention runs on the reference ops, after the projections
+    ran once (a forward hook on a projection sees one call per forward)."""
     model = sd3()
     inputs = cast(sd3_inputs(torch.float32), torch.float64)
     with torch.no_grad():
         expected = forward(copy.deepcopy(model).double(), inputs)
         ours = patched(model, "triton").double()
-        with pytest.warns(UserWarning, match="dtype torch.float64, which the kernels do not take"):
-            assert torch.equal(forward(ours, inputs), expected)
+        calls = []
+        ours.transformer_blocks[0].attn.to_q.register_forward_hook(lambda *_: calls.append(1))
+        with pytest.warns(UserWarning, match="dtype torch.float64, which the kernels do not take; this call runs "
+                                             "on the reference"):
+            out = forward(ours, inputs)
+    assert len(calls) == 1
+    assert_matches(out, expected, FP32_TOLERANCE, "float64 on the reference ops")
 
 
 # ---------------------------------------------------------------------------------------------------------
