@@ -138,9 +138,9 @@ TRAIN_CONFIGS: dict[str, dict] = {
                                  "outputs/MVDiT-16x512x512"),
     # The embedded default: a tiny STDiT in pixel space (identity "VAE") on the generated sample set, small
     # enough for 2 CPU cores in a few minutes, then a sampled clip checked against its caption.
-    "tiny": dict(model="STDiT-tiny", hidden_size=64, depth=3, num_heads=2, patch_size=(1, 2, 2),
+    "tiny": dict(model="STDiT-tiny", hidden_size=64, depth=3, num_heads=4, patch_size=(1, 2, 2),
                  class_dropout_prob=0.1, grad_checkpointing=False, text_encoder="tiny", model_max_length=16,
-                 tiny_t5_channels=32, vae="identity", data="sample-set", sample_set_clips=96, num_frames=8,
+                 tiny_t5_channels=64, vae="identity", data="sample-set", sample_set_clips=96, num_frames=8,
                  frame_interval=4, image_size=16, batch_size=8, num_workers=0, lr=1e-3, weight_decay=0.0,
                  grad_clip=1.0, ema_decay=0.99, max_steps=1200, dtype="fp32", seed=0, outdir="outputs/default",
                  ckpt_every=500, sample_at_end=True, sample_steps=20, cfg_scale=4.0, v_weight_cap=20.0),
