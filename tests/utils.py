@@ -109,5 +109,8 @@ def _gloo_rank(rank: int, world_size: int, port: int, worker, args) -> None:
     try:
         torch.set_num_threads(1)  # ranks share the machine's cores
         worker(rank, world_size, *args)
+        # Every rank done communicating before any tears its group down: a gloo rank whose peer closed the
+        # connections mid-exchange was seen to abort ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
