@@ -78,8 +78,9 @@ def check_lengths(lens, name: str, batch: int, max_len: int, device: torch.devic
     """Per-sequence token counts as an int32 ``[batch]`` tensor on ``device``.
 
     Lengths given on the host (a CPU tensor or a sequence of ints) are checked against ``[0, max_len]`` with a
-    clear error. Lengths already on the GPU are not read back (that would stall the host on every call); they
-    are clamped into range on the device so that a bad value can never reach memory past the tokens.
+    clear error. Lengths already on the GPU are not read back (that would stall the host on every call) nor
+    clamped here: every kernel clamps the lengths it loads into ``[0, max_len]`` (a bad value never reaches
+    memory past the tokens), and the references' ``arange(max_len) < lens`` masks mean the same.
     """
     if not isinstance(lens, torch.Tensor):
         lens = torch.as_tensor(lens)
@@ -93,4 +94,4 @@ def check_lengths(lens, name: str, batch: int, max_len: int, device: torch.devic
             index = int(bad.nonzero()[0, 0])
             raise ValueError(f"{name}[{index}] = {int(lens[index])} is outside [0, {max_len}] (the padded length)")
         return lens.to(device=device, dtype=torch.int32)
-    return lens.to(device=device, dtype=torch.int32).clamp(0, max_len)
+    return lens.to(device=device, dtype=torch.int32)

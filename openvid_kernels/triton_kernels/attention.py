@@ -46,7 +46,7 @@ MIN_BLOCK = 16  # smallest block side tl.dot takes
 # Triton would compile a length of 1 as a constant, unrolling the one-trip loop; its operands then skip the
 # software pipeline, and a 16-wide tail operand staged through registers with 4+ warps faulted (illegal
 # address) under triton 3.6 on an H100. Lengths stay run-time values.
-_LENGTHS = ["Sq", "Sk"]
+_LENGTHS = ["Sq", "Sk", "text_rows"]
 
 
 @triton.jit
@@ -121,9 +121,10 @@ def _clamped(start, BLOCK: tl.constexpr, length):
 
 
 @triton.jit
-def _text_range(LENS, STARTS, b, HAS_TEXT: tl.constexpr, PACKED: tl.constexpr):
-    """(number of real text tokens, row of the first) of batch entry b; (0, 0) without text."""
-    length = tl.load(LENS + b) if HAS_TEXT else 0
+def _text_range(LENS, STARTS, b, text_rows, HAS_TEXT: tl.constexpr, PACKED: tl.constexpr):
+    """(number of real text tokens, row of the first) of batch entry b; (0, 0) without text. Lengths are clamped
+    to [0, text_rows] here, so that lengths on the GPU need no checking pass before the launch."""
+    length = tl.minimum(tl.maximum(tl.load(LENS + b), 0), text_rows) if HAS_TEXT else 0
     first = tl.load(STARTS + b).to(tl.int64) if PACKED else 0
     return length, first
 
@@ -161,7 +162,7 @@ def _forward_step(q, q_tail, acc, acc_tail, m_i, l_i, K, V, k_rows, v_rows, n, n
 @triton.jit(do_not_specialize=_LENGTHS)
 def _attention_forward_kernel(
     Q, K, V, O, LSE, KT, VT, LENS, STARTS,
-    Sq, Sk, H,
+    Sq, Sk, H, text_rows,
     stride_q_b, stride_q_s, stride_q_h,
     stride_k_b, stride_k_s, stride_k_h,
     stride_v_b, stride_v_s, stride_v_h,
@@ -176,7 +177,7 @@ def _attention_forward_kernel(
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = bh % H
-    text_len, text_first = _text_range(LENS, STARTS, b, TEXT_KEYS or TEXT_QUERIES, PACKED_TEXT)
+    text_len, text_first = _text_range(LENS, STARTS, b, text_rows, TEXT_KEYS or TEXT_QUERIES, PACKED_TEXT)
     num_queries = text_len if TEXT_QUERIES else Sq
     if tl.program_id(0) * BLOCK_M >= num_queries:  # a block of padded text queries
         return
@@ -271,10 +272,10 @@ def _dkdv_step(k, k_tail, v, v_tail, dk, dk_tail, dv, dv_tail, Q, DO, LSE, DELTA
     return dk, dk_tail, dv, dv_tail
 
 
-@triton.jit(do_not_specialize=["Sq", "Sk", "Lq", "queries_per_split"])
+@triton.jit(do_not_specialize=["Sq", "Sk", "Lq", "text_rows", "queries_per_split"])
 def _attention_backward_dkdv_kernel(
     DO, Q, LSE, DELTA, DOT, QT, LSET, DELTAT, K, V, DK, DV, LENS, STARTS,
-    Sq, Sk, Lq, H, queries_per_split,
+    Sq, Sk, Lq, H, text_rows, queries_per_split,
     stride_do_b, stride_do_s, stride_do_h,
     stride_q_b, stride_q_s, stride_q_h,
     stride_dot_b, stride_dot_s, stride_dot_h,
@@ -295,7 +296,7 @@ def _attention_backward_dkdv_kernel(
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = bh % H
-    text_len, text_first = _text_range(LENS, STARTS, b, TEXT_KEYS or TEXT_QUERIES, PACKED_TEXT)
+    text_len, text_first = _text_range(LENS, STARTS, b, text_rows, TEXT_KEYS or TEXT_QUERIES, PACKED_TEXT)
     num_keys = text_len if TEXT_KEYS else Sk
     if tl.program_id(0) * BLOCK_N >= num_keys:  # a block of padded text keys
         return
@@ -365,7 +366,7 @@ def _dq_step(q, q_tail, do, do_tail, lse, delta, dq, dq_tail, K, V, k_rows, v_ro
 @triton.jit(do_not_specialize=_LENGTHS)
 def _attention_backward_dq_kernel(
     DO, Q, K, V, LSE, DELTA, DQ, KT, VT, LENS, STARTS,
-    Sq, Sk, H,
+    Sq, Sk, H, text_rows,
     stride_do_b, stride_do_s, stride_do_h,
     stride_q_b, stride_q_s, stride_q_h,
     stride_k_b, stride_k_s, stride_k_h,
@@ -381,7 +382,7 @@ def _attention_backward_dq_kernel(
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = bh % H
-    text_len, text_first = _text_range(LENS, STARTS, b, TEXT_KEYS or TEXT_QUERIES, PACKED_TEXT)
+    text_len, text_first = _text_range(LENS, STARTS, b, text_rows, TEXT_KEYS or TEXT_QUERIES, PACKED_TEXT)
     num_queries = text_len if TEXT_QUERIES else Sq
     if tl.program_id(0) * BLOCK_M >= num_queries:  # a block of padded text queries
         return
@@ -427,7 +428,7 @@ def _resident_keys(KT, VT, LENS, STARTS, b, h, num_rows, stride_kt_b, stride_kt_
                    BLOCK_N: tl.constexpr, ROW_ALIGN: tl.constexpr, PACKED_TEXT: tl.constexpr):
     """All of a sequence's text keys and values as one block, loaded once per program; rows past the length
     repeat the last real row (a sequence without text reads one row and masks it), and ``real`` marks the rest."""
-    text_len, text_first = _text_range(LENS, STARTS, b, True, PACKED_TEXT)
+    text_len, text_first = _text_range(LENS, STARTS, b, num_rows, True, PACKED_TEXT)
     n = tl.arange(0, BLOCK_N)
     rows = tl.minimum(text_first + tl.minimum(n, tl.maximum(text_len - 1, 0)), num_rows - 1)
     k_rows = _row_offsets(stride_kt_b, stride_kt_s, stride_kt_h, b, h, rows, ROW_ALIGN)
@@ -438,12 +439,13 @@ def _resident_keys(KT, VT, LENS, STARTS, b, h, num_rows, stride_kt_b, stride_kt_
 
 
 @triton.jit
-def _short_keys_scores(q, q_tail, k, k_tail, scale_log2, D_TAIL: tl.constexpr, PRECISION: tl.constexpr):
-    """Base-2 scaled scores against the resident keys (their columns past the length repeat the last key)."""
+def _short_keys_scores(q, q_tail, k, k_tail, D_TAIL: tl.constexpr, PRECISION: tl.constexpr):
+    """Unscaled scores against the resident keys (their columns past the length repeat the last key); the
+    callers fold the scale into a multiply-add."""
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
     if D_TAIL > 0:
         s = tl.dot(q_tail, tl.trans(k_tail), s, input_precision=PRECISION)
-    return s * scale_log2
+    return s
 
 
 @triton.jit(do_not_specialize=["Sq"])
@@ -457,35 +459,37 @@ def _short_keys_forward_kernel(
     scale_log2,
     HEAD_DIM: tl.constexpr, D_MAIN: tl.constexpr, D_TAIL: tl.constexpr, TAIL_TILE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_ALIGN: tl.constexpr, PRECISION: tl.constexpr,
-    PACKED_TEXT: tl.constexpr,
+    PACKED_TEXT: tl.constexpr, QUERY_AXIS: tl.constexpr,
 ):
-    """A program keeps one (b, h)'s keys and values and streams query blocks program_id(0), + grid size, ...:
-    one exact softmax per block, no rescaling, and the keys are read once per program instead of per block."""
-    bh = tl.program_id(1)
+    """A program keeps one (b, h)'s keys and values and streams query blocks program_id(QUERY_AXIS), + grid
+    size, ...: one exact softmax per block, no rescaling, and the keys are read once per program instead of per
+    block. With QUERY_AXIS = 1 the (b, h) axis is the grid's fastest: programs that run together cover all
+    heads of the same query rows, which share memory sectors (a 72-wide head is 4.5 of them)."""
+    bh = tl.program_id(1 - QUERY_AXIS)
     b = (bh // H).to(tl.int64)
     h = bh % H
     k, k_tail, v, v_tail, real = _resident_keys(
         KT, VT, LENS, STARTS, b, h, num_rows, stride_kt_b, stride_kt_s, stride_kt_h, stride_vt_b, stride_vt_s,
         stride_vt_h, HEAD_DIM, D_MAIN, D_TAIL, TAIL_TILE, BLOCK_N, ROW_ALIGN, PACKED_TEXT)
-    for block in range(tl.program_id(0), tl.cdiv(Sq, BLOCK_M), tl.num_programs(0)):
+    for block in range(tl.program_id(QUERY_AXIS), tl.cdiv(Sq, BLOCK_M), tl.num_programs(QUERY_AXIS)):
         m = _clamped(block * BLOCK_M, BLOCK_M, Sq)
         q_rows = _row_offsets(stride_q_b, stride_q_s, stride_q_h, b, h, m, ROW_ALIGN)
         q, q_tail = _load_split(Q, q_rows, HEAD_DIM, D_MAIN, D_TAIL, TAIL_TILE)
         # A select, not an add: a NaN in the padded row read for a sequence without text cannot leak.
-        s = tl.where(real[None, :], _short_keys_scores(q, q_tail, k, k_tail, scale_log2, D_TAIL, PRECISION),
+        s = tl.where(real[None, :], _short_keys_scores(q, q_tail, k, k_tail, D_TAIL, PRECISION),
                      float("-inf"))
-        m_i = tl.maximum(tl.max(s, axis=1), -1e30)  # finite without keys: exp2(-inf - m) = 0
-        p = tl.exp2(s - m_i[:, None])
+        # Unscaled scores: the scale goes into one multiply-add with the row maximum (finite without keys, so
+        # that exp2(-inf - m) = 0).
+        m_i = tl.maximum(tl.max(s, axis=1), -1e30) * scale_log2
+        p = tl.exp2(s * scale_log2 - m_i[:, None])
         l_i = tl.sum(p, axis=1)
-        l_safe = tl.where(l_i > 0, l_i, 1.0)
+        inv_l = tl.where(l_i > 0, 1.0 / l_i, 0.0)  # no keys: a zero output
         p = p.to(VT.dtype.element_ty)
         acc = tl.dot(p, v, input_precision=PRECISION)
         acc_tail = tl.dot(p, v_tail, input_precision=PRECISION)
         o_rows = _row_offsets(stride_o_b, stride_o_s, stride_o_h, b, h, m, ROW_ALIGN)
-        has_keys = (l_i > 0)[:, None]
-        _store(O, o_rows, tl.where(has_keys, acc / l_safe[:, None], 0.0),
-               tl.where(has_keys, acc_tail / l_safe[:, None], 0.0), HEAD_DIM, D_MAIN, D_TAIL, TAIL_TILE)
-        lse = tl.where(l_i > 0, (m_i + tl.log2(l_safe)) / 1.4426950408889634, float("-inf"))
+        _store(O, o_rows, acc * inv_l[:, None], acc_tail * inv_l[:, None], HEAD_DIM, D_MAIN, D_TAIL, TAIL_TILE)
+        lse = tl.where(l_i > 0, (m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
         tl.store(LSE + bh.to(tl.int64) * Sq + m, lse)
 
 
@@ -529,8 +533,8 @@ def _short_keys_backward_kernel(
         lse = tl.load(LSE + stats) * 1.4426950408889634
         lse = tl.where(lse > float("-inf"), lse, float("inf"))  # no keys: P = 0
         delta = tl.load(DELTA + stats)
-        s = _short_keys_scores(q, q_tail, k, k_tail, scale_log2, D_TAIL, PRECISION)
-        p = tl.exp2(s - lse[:, None])
+        s = _short_keys_scores(q, q_tail, k, k_tail, D_TAIL, PRECISION)
+        p = tl.exp2(s * scale_log2 - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         if D_TAIL > 0:
             dp = tl.dot(do_tail, tl.trans(v_tail), dp, input_precision=PRECISION)
@@ -551,7 +555,7 @@ def _short_keys_backward_kernel(
             dv_tail = tl.dot(tl.trans(p), do_tail, dv_tail, input_precision=PRECISION)
             dk_tail = tl.dot(tl.trans(ds), q_tail, dk_tail, input_precision=PRECISION)
 
-    text_len, text_first = _text_range(LENS, STARTS, b, True, PACKED_TEXT)
+    text_len, text_first = _text_range(LENS, STARTS, b, num_rows, True, PACKED_TEXT)
     n = text_first + _clamped(0, BLOCK_N, tl.maximum(text_len, 1))  # rows past the length repeat the last
     partial = tl.program_id(0).to(tl.int64) * stride_split * ROW_ALIGN
     if text_len > 0:
@@ -584,22 +588,30 @@ _CONFIGS = {
 # Short keys (every text key in one block): (BLOCK_M, 0, num_warps, num_stages); BLOCK_N covers the keys.
 _CONFIGS["short_forward"] = dict.fromkeys((64, 80, 96, 128), (64, 0, 4, 3))
 _CONFIGS["short_backward"] = dict.fromkeys((64, 80, 96, 128), (128, 0, 8, 2))
+SHORT_KEYS_HEADS_FASTEST = True  # the short-keys forward's grid order (see its kernel)
 SHORT_KEYS_MAX = 128  # text runs up to this long take the short-keys kernels (T5 captions: 120 tokens)
 # Programs per multiprocessor of a short-keys launch (H100 sweep at D = 72, 120 keys: 8 for the forward, 2 for
 # the backward, whose programs also carry dK, dV accumulators and write them once each).
 _SHORT_KEYS_PROGRAMS_PER_SM = {"short_forward": 8, "short_backward": 2}
+# fp32 operands take twice the shared memory: the short-keys backward's tuned tiles (q, dO double-buffered
+# plus P^T and dS^T at 128 rows) need 369 KiB of the H100's 227 at D = 72.
+_FP32_CONFIGS = {"short_backward": (64, 0, 4, 1)}
 _INTERPRETER_CONFIG = (16, 16, 1, 1)  # small tiles keep the CPU interpreter fast and exercise many blocks
 # A dK/dV launch with fewer programs than this many per multiprocessor splits its queries (cross-attention:
 # 2 text key blocks per (b, h) against 16384 queries would otherwise leave most of the GPU idle).
 _DKDV_PROGRAMS_PER_SM = 4
 
 
-def launch_config(head_dim: int, kind: str, device: torch.device, override: tuple | None = None):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a kernel ("forward", "dkdv", "dq")."""
+def launch_config(head_dim: int, kind: str, device: torch.device, override: tuple | None = None,
+                  dtype: torch.dtype | None = None):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a kernel ("forward", "dkdv", "dq", "short_forward",
+    "short_backward") on operands of ``dtype``."""
     if override is not None:
         return override
     if device.type != "cuda":
         return _INTERPRETER_CONFIG
+    if dtype == torch.float32 and kind in _FP32_CONFIGS:
+        return _FP32_CONFIGS[kind]
     main, tail = head_dim_split(head_dim)
     width = main + tail
     return _CONFIGS[kind][min((w for w in _CONFIGS[kind] if w >= width), default=128)]
@@ -656,13 +668,14 @@ class TextTokens(NamedTuple):
     dq: torch.Tensor | None = None
 
 
-def _text_args(text: TextTokens | None, placeholder: torch.Tensor) -> tuple[list, dict[str, bool]]:
-    """The kernels' text operands (k, v, lens, starts; ``placeholder`` where absent, never read) and flags."""
+def _text_args(text: TextTokens | None, placeholder: torch.Tensor) -> tuple[list, int, dict[str, bool]]:
+    """The kernels' text operands (k, v, lens, starts; ``placeholder`` where absent, never read), the text run's
+    rows (the kernels clamp the lengths to it) and flags."""
     if text is None:
-        return [placeholder, placeholder, placeholder, placeholder], dict(TEXT_KEYS=False, PACKED_TEXT=False)
+        return [placeholder] * 4, 0, dict(TEXT_KEYS=False, PACKED_TEXT=False)
     lens = text.lens.contiguous()  # indexed by batch entry
     starts = text.starts.contiguous() if text.starts is not None else lens
-    return [text.k, text.v, lens, starts], dict(TEXT_KEYS=True, PACKED_TEXT=text.starts is not None)
+    return [text.k, text.v, lens, starts], text.k.shape[1], dict(TEXT_KEYS=True, PACKED_TEXT=text.starts is not None)
 
 
 def forward(q, k, v, out, lse, softmax_scale: float, config: tuple | None = None, *,
@@ -673,23 +686,25 @@ def forward(q, k, v, out, lse, softmax_scale: float, config: tuple | None = None
     ``_C.spatial_attention_forward``; ``config`` overrides (BLOCK_M, BLOCK_N, num_warps, num_stages)."""
     B, Sq, H, D = q.shape
     Sk = 0 if k is None else k.shape[1]
-    text_operands, text_flags = _text_args(text, q)
+    text_operands, text_rows, text_flags = _text_args(text, q)
     if _short_keys(k, text, text_queries):
-        block_m, _, warps, stages = launch_config(D, "short_forward", q.device, config)
+        block_m, _, warps, stages = launch_config(D, "short_forward", q.device, config, q.dtype)
         align = _row_align(q, out, *text_operands[:2])
-        _short_keys_forward_kernel[(_short_keys_programs("short_forward", Sq, block_m, B * H, q.device), B * H)](
+        programs = _short_keys_programs("short_forward", Sq, block_m, B * H, q.device)
+        grid = (B * H, programs) if SHORT_KEYS_HEADS_FASTEST else (programs, B * H)
+        _short_keys_forward_kernel[grid](
             q, out, lse, *text_operands, Sq, H, text.k.shape[1], *_strides((q, out, *text_operands[:2]), align),
             softmax_scale * LOG2E, **_head_dims(D), BLOCK_M=block_m, BLOCK_N=_short_keys_block(text),
             ROW_ALIGN=align, PRECISION=_precision(q.dtype), PACKED_TEXT=text_flags["PACKED_TEXT"],
-            num_warps=warps, num_stages=stages,
+            QUERY_AXIS=int(SHORT_KEYS_HEADS_FASTEST), num_warps=warps, num_stages=stages,
         )
         return
     if k is None:
         k = v = q  # placeholders: a loop over 0 keys reads nothing
-    block_m, block_n, warps, stages = launch_config(D, "forward", q.device, config)
+    block_m, block_n, warps, stages = launch_config(D, "forward", q.device, config, q.dtype)
     align = _row_align(q, k, v, out, *text_operands[:2])
     _attention_forward_kernel[(triton.cdiv(Sq, block_m), B * H)](
-        q, k, v, out, lse, *text_operands, Sq, Sk, H, *_strides((q, k, v, out, *text_operands[:2]), align),
+        q, k, v, out, lse, *text_operands, Sq, Sk, H, text_rows, *_strides((q, k, v, out, *text_operands[:2]), align),
         softmax_scale * LOG2E, **_head_dims(D), BLOCK_M=block_m, BLOCK_N=block_n, ROW_ALIGN=align,
         PRECISION=_precision(q.dtype), MASK_KEYS=Sk % block_n != 0, TEXT_QUERIES=text_queries, **text_flags,
         num_warps=warps, num_stages=stages,
@@ -762,7 +777,7 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale: float,
     heads = _head_dims(D)
     precision = _precision(q.dtype)
     text_queries = text is not None and text.q is not None
-    text_operands, text_flags = _text_args(text, q)
+    text_operands, text_rows, text_flags = _text_args(text, q)
     delta = _delta(dout, out)
     if _short_keys(k, text, text_queries):
         _short_keys_backward(dout, q, lse, delta, dq, text, text_operands, softmax_scale, dkdv_config)
@@ -774,7 +789,7 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale: float,
         text_delta, Lq = None, 0
         text_query_operands = [dout, q, lse, delta]  # placeholders, never read
 
-    block_m, block_n, warps, stages = launch_config(D, "dkdv", q.device, dkdv_config)
+    block_m, block_n, warps, stages = launch_config(D, "dkdv", q.device, dkdv_config, q.dtype)
     key_runs = [] if k is None else [(k, v, dk, dv, Sk, False)]
     if text is not None:
         key_runs.append((text.k, text.v, text.dk, text.dv, text.max_len or text.k.shape[1], True))
@@ -791,7 +806,7 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale: float,
         align = _row_align(*tensors)
         _attention_backward_dkdv_kernel[(key_blocks, B * H, splits)](
             dout, q, lse, delta, *text_query_operands, keys, values, *split_grads, *text_operands[2:],
-            Sq, num_keys, Lq, H, per_split, *_strides(tensors, align),
+            Sq, num_keys, Lq, H, text_rows, per_split, *_strides(tensors, align),
             grads[0].stride(0) // align if splits > 1 else 0,
             softmax_scale, softmax_scale * LOG2E, **heads, BLOCK_M=block_m, BLOCK_N=block_n, ROW_ALIGN=align,
             PRECISION=precision, MASK_QUERIES=Sq % block_m != 0, TEXT_KEYS=is_text, TEXT_QUERIES=text_queries,
@@ -801,7 +816,7 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale: float,
             _add_partials(grads[0], dkeys)
             _add_partials(grads[1], dvalues)
 
-    block_m, block_n, warps, stages = launch_config(D, "dq", q.device, dq_config)
+    block_m, block_n, warps, stages = launch_config(D, "dq", q.device, dq_config, q.dtype)
     if k is None:
         k = v = q  # placeholders: a loop over 0 keys reads nothing
     query_runs = [(dout, q, lse, delta, dq, Sq, False)]
@@ -811,7 +826,7 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale: float,
         tensors = (douts, queries, k, v, dqueries, *text_operands[:2])
         align = _row_align(*tensors)
         _attention_backward_dq_kernel[(triton.cdiv(num_queries, block_m), B * H)](
-            douts, queries, k, v, lses, deltas, dqueries, *text_operands, num_queries, Sk, H,
+            douts, queries, k, v, lses, deltas, dqueries, *text_operands, num_queries, Sk, H, text_rows,
             *_strides(tensors, align), softmax_scale, softmax_scale * LOG2E, **heads,
             BLOCK_M=block_m, BLOCK_N=block_n, ROW_ALIGN=align, PRECISION=precision, MASK_KEYS=Sk % block_n != 0,
             TEXT_QUERIES=is_text, **text_flags, num_warps=warps, num_stages=stages,
@@ -822,7 +837,7 @@ def _short_keys_backward(dout, q, lse, delta, dq, text: TextTokens, text_operand
                          config: tuple | None):
     """dq, and text.dk, text.dv from the programs' fp32 partial sums, in one pass over q and dout."""
     B, Sq, H, D = q.shape
-    block_m, _, warps, stages = launch_config(D, "short_backward", q.device, config)
+    block_m, _, warps, stages = launch_config(D, "short_backward", q.device, config, q.dtype)
     programs = _short_keys_programs("short_backward", Sq, block_m, B * H, q.device)
     grads = tuple(_partials(g, programs) for g in (text.dk, text.dv))
     tensors = (dout, q, dq, *text_operands[:2], grads[0][0], grads[1][0])

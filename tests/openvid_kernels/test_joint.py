@@ -99,6 +99,20 @@ def test_bf16_error_at_most_twice_pytorch_bf16(backend):
         assert error <= 2 * torch_error, f"{what}: our bf16 error {error:.3g} > 2 x PyTorch's {torch_error:.3g}"
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton", "reference"])
+def test_lengths_on_the_gpu_are_clamped_not_read_back(backend):
+    # No pass checks or clamps GPU lengths before the launch: the kernels clamp what they load.
+    video_qkv, text_qkv = (t.requires_grad_() for t in streams("cuda", torch.float16, 2, 2, 40, 7, seed=5))
+    douts = [torch.randn_like(t[:, :, :, 0]) for t in (video_qkv, text_qkv)]
+    results = []
+    for lens in (torch.tensor([-2, 50], device="cuda"), [0, 7]):
+        outs = ok.joint_attention(video_qkv, text_qkv, lens, backend=backend)
+        results.append((*outs, *torch.autograd.grad(outs, (video_qkv, text_qkv), douts)))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize("device,backend,dtype", FIRST_CPU_AND_GPU)
 def test_opcheck(device, backend, dtype):
     video_qkv, text_qkv = (t.requires_grad_() for t in streams(device, dtype, 2, 2, 9, 7, head_dim=24, seed=4))
