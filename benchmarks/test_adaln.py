@@ -140,3 +140,44 @@ def test_adaln(benchmark, op, direction, shape, provider):
     harness.bench(benchmark, fn, case=case, provider=provider,
                   bytes=TRAFFIC[op, direction] * numel * DTYPE.itemsize,
                   op=op, direction=direction, shape=list(shape), dtype="bf16")
+
+
+# add_position_embedding: the spatial (row s of [S, C] for token t * S + s) and temporal (row t of [T, C] for
+# every token of frame t) position embeddings of STDiT at 512px batch 2, as float32 buffers. Bytes: read x,
+# write the sum (2 * numel * 2). Eager: the model's former `x + pos.to(x.dtype)` broadcast over frames.
+EMBEDDING_CASES = harness.pick_shapes(
+    full=[("spatial", 2, 16, 1024, 1152), ("temporal", 2, 16, 1024, 1152)],
+    smoke=[("spatial", 2, 4, 16, 128), ("temporal", 2, 4, 16, 128)],
+)
+
+
+def add_embedding_eager(x, pos, frames: int, kind: str):
+    tokens = x.unflatten(1, (frames, -1))
+    pos = pos.to(x.dtype)
+    return (tokens + (pos[None, None] if kind == "spatial" else pos[None, :, None])).flatten(1, 2)
+
+
+@pytest.mark.parametrize("provider", ["ours-triton", "eager", "compile"])
+@pytest.mark.parametrize("kind,B,T,S,C", EMBEDDING_CASES, ids=lambda v: str(v))
+def test_add_position_embedding(benchmark, kind, B, T, S, C, provider):
+    case = f"add_position_embedding {kind} [{B},{T}*{S},{C}] bf16"
+    harness.require_provider(provider, case=case)
+    dev = harness.device()
+    gen = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(B, T * S, C, generator=gen, device=dev, dtype=DTYPE)
+    pos = torch.randn(S if kind == "spatial" else T, C, generator=gen, device=dev)
+    if provider == "ours-triton":
+        fn_of_inputs = harness.openvid_attr("add_position_embedding", "adaln")
+        tokens_per_row = 1 if kind == "spatial" else S
+
+        def fn():
+            return fn_of_inputs(x, pos, tokens_per_row, backend="triton")
+    else:
+        eager = harness.compile_fn(add_embedding_eager) if provider == "compile" else add_embedding_eager
+
+        def fn():
+            return eager(x, pos, T, kind)
+    if provider != "eager":
+        harness.check_close((fn(),), (add_embedding_eager(x, pos, T, kind),), f"{provider} add_position_embedding")
+    harness.bench(benchmark, fn, case=case, provider=provider, bytes=2 * x.numel() * DTYPE.itemsize, kind=kind,
+                  shape=[B, T * S, C], dtype="bf16")

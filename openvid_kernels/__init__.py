@@ -4,7 +4,8 @@ Every op is a ``torch.library`` custom op with autograd and ``torch.compile`` su
 ``backend=None | "auto" | "cuda" | "triton" | "reference"`` (see :mod:`openvid_kernels.backends`).
 """
 
-from openvid_kernels.adaln import gated_residual, gated_residual_layernorm_modulate, layernorm_modulate
+from openvid_kernels.adaln import (add_position_embedding, gated_residual, gated_residual_layernorm_modulate,
+                                   layernorm_modulate)
 from openvid_kernels.backends import cuda_extension_available, default_backend, use_backend
 from openvid_kernels.cross import cross_attention
 from openvid_kernels.diffusers_processors import PatchReport, patch_diffusers_model, unpatch_diffusers_model
@@ -20,6 +21,7 @@ __all__ = [
     "CrossAttention",
     "PatchReport",
     "SelfAttention",
+    "add_position_embedding",
     "cross_attention",
     "cuda_extension_available",
     "default_backend",

@@ -8,7 +8,8 @@ In STDiT/MVDiT (adaLN-single, as in PixArt-alpha) every sub-layer does::
 :func:`layernorm_modulate` is the first line in one pass over memory. :func:`gated_residual_layernorm_modulate`
 fuses the residual step of one sub-layer with the modulated LayerNorm of the next:
 ``x_new = x + gate * y; h = LayerNorm(x_new) * (1 + scale) + shift``, returning both. :func:`gated_residual`
-is the residual step alone, for a sum that feeds no LayerNorm.
+is the residual step alone, for a sum that feeds no LayerNorm. :func:`add_position_embedding` adds an embedding
+broadcast over tokens (spatial or temporal position embeddings), on the same kernel.
 
 Shapes: ``x``/``y`` are ``[B, N, C]``; each modulation tensor (shift, scale, gate, all of one shape) is one of
   * ``[B, C]`` or ``[B, 1, C]``: per sample;
@@ -58,6 +59,22 @@ def gated_residual_reference(x, y, gate):
     gate = _grouped(gate, x, "gate")
     groups = gate.shape[1]
     return (_by_group(x, groups) + gate.unsqueeze(2) * _by_group(y, groups)).flatten(1, 2)
+
+
+def add_position_embedding_reference(x, embedding, tokens_per_row: int = 1):
+    """Plain-PyTorch ``x + embedding`` broadcast over tokens: token n of ``x [B, N, C]`` gets row
+    ``(n // tokens_per_row) % R`` of ``embedding [R, C]`` (or ``[1 or B, R, C]``), summed in at least fp32 and
+    rounded once to x's dtype."""
+    B, N, C = x.shape
+    rows = _embedding_rows(embedding)
+    R = rows.shape[1]
+    dtype = torch.promote_types(torch.promote_types(x.dtype, rows.dtype), torch.float32)
+    out = x.to(dtype).reshape(B, N // (R * tokens_per_row), R, tokens_per_row, C) + rows.to(dtype)[:, None, :, None]
+    return out.reshape(B, N, C).to(x.dtype)
+
+
+def _embedding_rows(embedding: torch.Tensor) -> torch.Tensor:
+    return embedding if embedding.dim() == 3 else embedding.unsqueeze(0)
 
 
 def gated_residual_layernorm_modulate_reference(x, y, gate, shift, scale, eps: float = 1e-6):
@@ -335,6 +352,36 @@ def _residual_grad(ctx, grad_out):
 _residual_fwd.register_autograd(_residual_grad, setup_context=_residual_setup)
 
 
+@torch.library.custom_op("openvid::add_position_embedding", mutates_args=())
+def _add_embedding_fwd(x: torch.Tensor, rows: torch.Tensor, tokens_per_row: int) -> torch.Tensor:
+    x, rows = map(_unit_channel_stride, (x, rows))
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    triton_adaln.gated_residual(x, None, rows, out, group_size=tokens_per_row)
+    return out
+
+
+@_add_embedding_fwd.register_fake
+def _(x, rows, tokens_per_row):
+    return x.new_empty(x.shape)
+
+
+def _add_embedding_setup(ctx, inputs, output):
+    _, rows, tokens_per_row = inputs
+    ctx.rows_shape, ctx.rows_dtype, ctx.tokens_per_row = rows.shape, rows.dtype, tokens_per_row
+
+
+def _add_embedding_grad(ctx, grad_out):
+    grad_rows = None
+    if ctx.needs_input_grad[1]:  # each row's gradient: the sum over the tokens that took it
+        B, R, C = ctx.rows_shape
+        grad_rows = grad_out.reshape(B, -1, R, ctx.tokens_per_row, C).sum((1, 3), dtype=torch.float32)
+        grad_rows = grad_rows.to(ctx.rows_dtype)
+    return grad_out, grad_rows, None
+
+
+_add_embedding_fwd.register_autograd(_add_embedding_grad, setup_context=_add_embedding_setup)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Public API
 # ---------------------------------------------------------------------------------------------------------
@@ -399,3 +446,41 @@ def gated_residual(x, y, gate, backend: str | None = None) -> torch.Tensor:
         return gated_residual_reference(x, y, gate)
     _check_kernel_limits(x)
     return _residual_fwd(x, y, _grouped(gate, x, "gate"))
+
+
+def add_position_embedding(x, embedding, tokens_per_row: int = 1, backend: str | None = None) -> torch.Tensor:
+    """``x + embedding`` broadcast over tokens, in one pass over memory, summed in fp32 and rounded once.
+
+    Token n of ``x [B, N, C]`` gets row ``(n // tokens_per_row) % R`` of ``embedding``:
+      * spatial position embedding ``[S, C]`` (or ``[1, S, C]``) on frame-major tokens ``N = T * S``:
+        ``tokens_per_row=1``, token ``t * S + s`` gets row s;
+      * temporal position embedding ``[T, C]``: ``tokens_per_row=S``, every token of frame t gets row t.
+    ``embedding`` is ``[R, C]``, ``[1, R, C]`` or ``[B, R, C]`` (per sample), any float dtype (e.g. a float32
+    buffer with bf16 tokens: no rounding of the embedding first); N must be a multiple of ``R * tokens_per_row``.
+    Returns a contiguous tensor of x's dtype; differentiable in both (the embedding's gradient sums its tokens').
+    Broadcasting in PyTorch takes its slower non-vectorized path here (about a third of the memory bandwidth).
+    """
+    _check_tensor(x, "x")
+    _check_tensor(embedding, "embedding")
+    if x.dim() != 3:
+        raise ValueError(f"x must be 3-D [B, N, C], got shape {list(x.shape)}")
+    B, N, C = x.shape
+    rows = _embedding_rows(embedding)
+    if embedding.dim() not in (2, 3) or rows.shape[0] not in (1, B) or rows.shape[2] != C:
+        raise ValueError(f"embedding must be [R, C], [1, R, C] or [B, R, C] with C = {C} and B = {B} (x is "
+                         f"{list(x.shape)}), got {list(embedding.shape)}")
+    if embedding.device != x.device:
+        raise ValueError(f"embedding is on {embedding.device} but x is on {x.device}")
+    if not isinstance(tokens_per_row, int) or isinstance(tokens_per_row, bool) or tokens_per_row < 1:
+        raise ValueError(f"tokens_per_row must be an int >= 1, got {tokens_per_row!r}")
+    R = rows.shape[1]
+    if R == 0 or N % (R * tokens_per_row):
+        raise ValueError(f"x's N = {N} tokens must be a multiple of the embedding's R = {R} rows times "
+                         f"tokens_per_row = {tokens_per_row}")
+    if backends.resolve_backend(backend, x.device) == "reference":
+        return add_position_embedding_reference(x, embedding, tokens_per_row)
+    _check_kernel_limits(x)
+    if embedding.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"embedding has dtype {embedding.dtype}; the kernels take {KERNEL_DTYPES} (use "
+                        "backend='reference')")
+    return _add_embedding_fwd(x, rows.expand(B, R, C), tokens_per_row)

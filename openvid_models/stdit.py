@@ -34,7 +34,7 @@ def add_temporal_pos_embed(x: torch.Tensor, pos_embed: torch.Tensor | None, num_
     """``x [B, T*N, C]`` plus ``pos_embed [1, T, C]`` on every token of a frame (None: x)."""
     if pos_embed is None:
         return x
-    return (x.unflatten(1, (num_frames, -1)) + pos_embed[:, :, None].to(x.dtype)).flatten(1, 2)
+    return ok.add_position_embedding(x, pos_embed, tokens_per_row=x.shape[1] // num_frames)
 
 
 class STDiTBlock(nn.Module):
@@ -231,7 +231,7 @@ class STDiT(nn.Module):
             raise ValueError(f"x must be [B, {self.in_channels}, {frames}, H, W]{share}; got {tuple(x.shape)}")
         dtype = self.x_embedder.proj.weight.dtype
         x = self.x_embedder(x.to(dtype))
-        x = (x.unflatten(1, (self.frames_per_rank, self.num_spatial)) + self.pos_embed[:, None].to(dtype)).flatten(1, 2)
+        x = ok.add_position_embedding(x, self.pos_embed)  # row s for token t * S + s
         return x, self.t_embedder(timestep, dtype), self.y_embedder(y.to(dtype), self.training, force_drop_ids)
 
     def run_block(self, index: int, block, *args):

@@ -120,39 +120,48 @@ def _adaln_backward_kernel(
 @triton.jit
 def _gated_residual_kernel(
     X, Y, GATE, OUT,
-    rows, N, C, group_size,
+    rows, N, C, group_size, groups,
     stride_x_b, stride_x_n, stride_y_b, stride_y_n, stride_gate_b, stride_gate_g, stride_o_b, stride_o_n,
+    HAS_Y: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    # out = x + gate * y in fp32, one rounding. A 2-D grid of [BLOCK_ROWS, BLOCK_C] tiles: the gate row is
-    # gathered per token (it stays in L1/L2), so broadcasting costs no extra pass as torch.addcmul's does.
+    # out = x + gate * y (HAS_Y) or x + gate in fp32, one rounding. A 2-D grid of [BLOCK_ROWS, BLOCK_C] tiles:
+    # the gate row is gathered per token (it stays in L1/L2), so broadcasting costs no extra pass as
+    # torch.addcmul's does. Token n takes gate row (n // group_size) % groups.
     row = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     cols = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C))[None, :]
     b = (row // N)[:, None]
     n = (row % N)[:, None]
-    g = n // group_size
+    g = (n // group_size) % groups
     mask = (row < rows)[:, None] & (cols < C)
     x = tl.load(X + b * stride_x_b + n * stride_x_n + cols, mask=mask, other=0.0).to(tl.float32)
-    y = tl.load(Y + b * stride_y_b + n * stride_y_n + cols, mask=mask, other=0.0).to(tl.float32)
     gate = tl.load(GATE + b * stride_gate_b + g * stride_gate_g + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(OUT + b * stride_o_b + n * stride_o_n + cols, (x + gate * y).to(OUT.dtype.element_ty), mask=mask)
+    if HAS_Y:
+        y = tl.load(Y + b * stride_y_b + n * stride_y_n + cols, mask=mask, other=0.0).to(tl.float32)
+        out = x + gate * y
+    else:
+        out = x + gate
+    tl.store(OUT + b * stride_o_b + n * stride_o_n + cols, out.to(OUT.dtype.element_ty), mask=mask)
 
 
 GATED_RESIDUAL_BLOCK_C = 256
 GATED_RESIDUAL_TILE_ELEMENTS = 4096
 
 
-def gated_residual(x, y, gate, out) -> None:
-    """``out = x + gate * y``: token tensors ``[B, N, C]``, gate ``[B, G, C]``, all with unit channel stride."""
+def gated_residual(x, y, gate, out, group_size: int | None = None) -> None:
+    """``out = x + gate * y`` (y None: ``x + gate``): token tensors ``[B, N, C]``, gate ``[B, G, C]``, all with
+    unit channel stride. Token n takes gate row ``(n // group_size) % G``; by default ``group_size = N // G``
+    (consecutive groups: per frame, or per sample with G = 1)."""
     B, N, C = x.shape
+    groups = gate.shape[1]
     block_c = min(GATED_RESIDUAL_BLOCK_C, triton.next_power_of_2(C))
     block_rows = GATED_RESIDUAL_TILE_ELEMENTS // block_c
     grid = (triton.cdiv(B * N, block_rows), triton.cdiv(C, block_c))
     _gated_residual_kernel[grid](
-        x, y, gate, out, B * N, N, C, N // gate.shape[1],
+        x, x if y is None else y, gate, out, B * N, N, C, group_size or N // groups, groups,
         *_strides(x), *_strides(y), *_strides(gate), *_strides(out),
-        BLOCK_ROWS=block_rows, BLOCK_C=block_c, num_warps=4,
+        HAS_Y=y is not None, BLOCK_ROWS=block_rows, BLOCK_C=block_c, num_warps=4,
     )
 
 

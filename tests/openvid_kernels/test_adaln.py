@@ -110,6 +110,61 @@ def test_gated_residual_rejects_mismatched_shapes():
         ok.gated_residual(x, torch.randn(2, 6, 8), torch.randn(2, 4, 1, 8))
 
 
+# (B, N, C, embedding shape, tokens_per_row): spatial ([S, C], [1, S, C]), temporal ([T, C] over S tokens each),
+# per sample, a single row, odd sizes.
+EMBEDDINGS = [
+    (2, 12, 40, (3, 40), 1),
+    (2, 15, 72, (1, 5, 72), 1),
+    (3, 12, 24, (4, 24), 3),
+    (2, 18, 37, (2, 3, 37), 2),
+    (1, 7, 1152, (1, 1152), 7),
+    (2, 8, 16, (2, 16), 1),  # rows cycling within each frame of 2 tokens: 4 frames
+]
+
+
+@pytest.mark.parametrize("device,backend,dtype", KERNEL_CONFIGS)
+@pytest.mark.parametrize("B,N,C,shape,tokens_per_row", EMBEDDINGS)
+@pytest.mark.parametrize("embedding_dtype", ["x", "float32"])
+def test_add_position_embedding_matches_reference(device, backend, dtype, B, N, C, shape, tokens_per_row,
+                                                  embedding_dtype):
+    torch.manual_seed(6)
+    x = torch.randn(B, N, C, device=device, dtype=dtype)
+    embedding = torch.randn(shape, device=device, dtype=dtype if embedding_dtype == "x" else torch.float32)
+    check_against_reference(
+        lambda *t: ok.add_position_embedding(*t, tokens_per_row=tokens_per_row, backend=backend),
+        lambda *t: adaln.add_position_embedding_reference(*t, tokens_per_row=tokens_per_row),
+        (x, embedding), (torch.randn(B, N, C, device=device, dtype=dtype),), dtype, ("x", "embedding"),
+    )
+
+
+def test_add_position_embedding_rows():
+    # Spatial: token t * S + s gets row s; temporal: every token of frame t gets row t.
+    x = torch.zeros(1, 6, 2)
+    rows = torch.tensor([[1.0, 10.0], [2.0, 20.0], [3.0, 30.0]])
+    assert ok.add_position_embedding(x, rows)[0, :, 0].tolist() == [1, 2, 3, 1, 2, 3]
+    assert ok.add_position_embedding(x, rows[:2], tokens_per_row=3)[0, :, 1].tolist() == [10, 10, 10, 20, 20, 20]
+
+
+@pytest.mark.parametrize(
+    "call,error,message",
+    [
+        (lambda x: ok.add_position_embedding(x, torch.randn(4, 8)), ValueError, r"N = 6 tokens must be a multiple"),
+        (lambda x: ok.add_position_embedding(x, torch.randn(3, 8), tokens_per_row=4), ValueError,
+         "multiple of the embedding's R = 3 rows times tokens_per_row = 4"),
+        (lambda x: ok.add_position_embedding(x, torch.randn(3, 7)), ValueError, r"embedding must be \[R, C\]"),
+        (lambda x: ok.add_position_embedding(x, torch.randn(3, 3, 8)), ValueError, r"\[B, R, C\] with C = 8"),
+        (lambda x: ok.add_position_embedding(x[0], torch.randn(3, 8)), ValueError, "x must be 3-D"),
+        (lambda x: ok.add_position_embedding(x, torch.randn(3, 8), tokens_per_row=0), ValueError,
+         "tokens_per_row must be an int >= 1"),
+        (lambda x: ok.add_position_embedding(x, torch.ones(3, 8, dtype=torch.long)), TypeError,
+         "embedding must be a floating-point tensor"),
+    ],
+)
+def test_add_position_embedding_bad_inputs_name_the_argument(call, error, message):
+    with pytest.raises(error, match=message):
+        call(torch.randn(2, 6, 8))
+
+
 @pytest.mark.parametrize("device,backend,dtype", KERNEL_CONFIGS[:1] + KERNEL_CONFIGS[2:3])
 def test_gated_residual_with_only_h_used(device, backend, dtype):
     torch.manual_seed(2)
@@ -167,6 +222,8 @@ def test_opcheck(device, backend, dtype):
         torch.ops.openvid.gated_residual_layernorm_modulate_fwd.default, (x, y, gate, shift, scale, 1e-6, backend)
     )
     torch.library.opcheck(torch.ops.openvid.gated_residual_fwd.default, (x, y, gate))
+    rows = torch.randn(1, 3, C, device=device, dtype=torch.float32).expand(B, 3, C).requires_grad_()
+    torch.library.opcheck(torch.ops.openvid.add_position_embedding.default, (x, rows, 1))
     # Backward ops have no autograd formula of their own (no double backward): check them on plain tensors.
     x, y, gate, shift, scale = (t.detach() for t in (x, y, gate, shift, scale))
     x_new, h, mean, rstd = torch.ops.openvid.gated_residual_layernorm_modulate_fwd(
@@ -186,6 +243,7 @@ def two_sublayers(x, y, mods, backend):
     shift1, scale1, gate1, shift2, scale2, gate2 = mods.chunk(6, dim=1)
     h = ok.layernorm_modulate(x, shift1, scale1, backend=backend)
     x, h = ok.gated_residual_layernorm_modulate(x, h * y, gate1, shift2, scale2, backend=backend)
+    x = ok.add_position_embedding(x, shift1[:1, 0], backend=backend)  # one row, for every token
     return ok.gated_residual(x, h, gate2, backend=backend)
 
 
