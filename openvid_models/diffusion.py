@@ -3,10 +3,11 @@
 * Schedule: ``diffusion_steps`` betas (linear 1e-4 .. 0.02 scaled by 1000 / steps, or the cosine
   ``squaredcos_cap_v2``), every table in float64; a table is gathered at the timesteps ``t [B]`` and cast to
   the working dtype of x.
-* Model: ``model(x [B, C, ...], timestep [B], **model_kwargs) -> [B, 2C, ...]``: eps (or x_0) and, with
+* Model: ``model(x [B, C, ...], timestep [B], **model_kwargs) -> [B, 2C, ...]``: eps (or x_0, or the velocity
+  v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0 of Salimans & Ho) and, with
   ``learn_sigma``, the learned-range variance ``v`` in [-1, 1]: ``log var = (v+1)/2 log beta_t + (1-v)/2 log
   posterior_variance_t`` (clipped at t = 0).
-* Training loss: MSE on eps plus, with a learned variance, the variational-bound term (bits per dim) computed
+* Training loss: MSE on the prediction (eps, x_0 or v) plus, with a learned variance, the variational-bound term (bits per dim) computed
   on the detached mean, so that it only trains the variance (decoder NLL at t = 0, KL elsewhere).
 * Respacing (``timestep_respacing="100"``, ``"10,15,20"``, ``"ddim25"``): a shorter chain on the kept
   timesteps with betas recomputed from alphas_cumprod; the model is fed the original timestep (integer, not
@@ -96,6 +97,7 @@ def discretized_gaussian_log_likelihood(x: torch.Tensor, *, means: torch.Tensor,
 class ModelMeanType(enum.Enum):
     EPSILON = "epsilon"  # the model predicts the noise
     START_X = "start_x"  # the model predicts x_0
+    VELOCITY = "velocity"  # the model predicts v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0
 
 
 class ModelVarType(enum.Enum):
@@ -206,6 +208,10 @@ class GaussianDiffusion:
         return (self._gather("sqrt_recip_alphas_cumprod", t, x_t) * x_t
                 - self._gather("sqrt_recipm1_alphas_cumprod", t, x_t) * eps)
 
+    def _predict_xstart_from_v(self, x_t, t, v):
+        return (self._gather("sqrt_alphas_cumprod", t, x_t) * x_t
+                - self._gather("sqrt_one_minus_alphas_cumprod", t, x_t) * v)
+
     # -- reverse process ----------------------------------------------------------------------------------
 
     def p_mean_variance(self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None):
@@ -243,6 +249,8 @@ class GaussianDiffusion:
 
         if self.model_mean_type == ModelMeanType.START_X:
             pred_xstart = process_xstart(model_output)
+        elif self.model_mean_type == ModelMeanType.VELOCITY:
+            pred_xstart = process_xstart(self._predict_xstart_from_v(x, t, model_output))
         else:
             pred_xstart = process_xstart(self._predict_xstart_from_eps(x, t, model_output))
         mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x, t)
@@ -334,7 +342,13 @@ class GaussianDiffusion:
             if self.loss_type == LossType.RESCALED_MSE:
                 terms["vb"] = terms["vb"] * (self.num_timesteps / 1000.0)  # the original 1000-step weighting
             model_output = mean_output
-        target = x_start if self.model_mean_type == ModelMeanType.START_X else noise
+        if self.model_mean_type == ModelMeanType.START_X:
+            target = x_start
+        elif self.model_mean_type == ModelMeanType.VELOCITY:
+            target = (self._gather("sqrt_alphas_cumprod", t, x_start) * noise
+                      - self._gather("sqrt_one_minus_alphas_cumprod", t, x_start) * x_start)
+        else:
+            target = noise
         if model_output.shape != target.shape:
             raise ValueError(f"the model's prediction must have x's shape {tuple(target.shape)}, "
                              f"got {tuple(model_output.shape)}")
@@ -487,7 +501,8 @@ def guided_sampling_inputs(model, text_encoder, z_size, prompts, device, additio
 
 class IDDPM(SpacedDiffusion):
     """Open-Sora's IDDPM: a :class:`SpacedDiffusion` with eps prediction and a learned-range variance by
-    default. ``num_sampling_steps`` (or ``timestep_respacing``, not both) respaces the 1000-step chain for
+    default (``predict_xstart``: the model predicts x_0; ``predict_v``: the velocity v, whose MSE weighs an
+    error in x_0 about equally at every noise level, where eps's fades out where the noise dominates). ``num_sampling_steps`` (or ``timestep_respacing``, not both) respaces the 1000-step chain for
     sampling; leave both None for training. ``cfg_scale`` (7.0 as the OpenVid-1M inference configs; the class
     default upstream is 4.0) and ``cfg_channel`` (None: the latent channels, i.e. the eps half of a
     learned-variance output, which is what upstream's default ``out_channels // 2`` amounts to) are
@@ -495,8 +510,10 @@ class IDDPM(SpacedDiffusion):
 
     def __init__(self, num_sampling_steps=None, timestep_respacing=None, noise_schedule="linear", use_kl=False,
                  sigma_small=False, predict_xstart=False, learn_sigma=True, rescale_learned_sigmas=False,
-                 diffusion_steps=1000, cfg_scale=7.0, cfg_channel=None):
+                 diffusion_steps=1000, cfg_scale=7.0, cfg_channel=None, predict_v=False):
         betas = get_named_beta_schedule(noise_schedule, diffusion_steps)
+        if predict_xstart and predict_v:
+            raise ValueError("give predict_xstart or predict_v, not both")
         if num_sampling_steps is not None:
             if timestep_respacing is not None:
                 raise ValueError("give num_sampling_steps or timestep_respacing, not both")
@@ -510,7 +527,8 @@ class IDDPM(SpacedDiffusion):
         var_type = (ModelVarType.LEARNED_RANGE if learn_sigma else
                     ModelVarType.FIXED_SMALL if sigma_small else ModelVarType.FIXED_LARGE)
         super().__init__(space_timesteps(diffusion_steps, timestep_respacing), betas=betas,
-                         model_mean_type=ModelMeanType.START_X if predict_xstart else ModelMeanType.EPSILON,
+                         model_mean_type=(ModelMeanType.START_X if predict_xstart else
+                                          ModelMeanType.VELOCITY if predict_v else ModelMeanType.EPSILON),
                          model_var_type=var_type, loss_type=loss_type)
         self.cfg_scale = float(cfg_scale)
         self.cfg_channel = check_cfg_channel(cfg_channel)

@@ -21,6 +21,9 @@ from openvid_models.diffusion import (check_cfg_channel, forward_with_cfg, get_n
 SKIP_TYPES = ("time_uniform", "logSNR", "time_quadratic")
 
 
+PREDICTIONS = ("eps", "v")
+
+
 class DiscreteVPSchedule:
     """alpha_t, sigma_t, lambda_t of a discrete-time diffusion on continuous t in [1 / N, 1] (float64 numpy).
 
@@ -60,7 +63,9 @@ class DiscreteVPSchedule:
 class DPMSolverSampler:
     """Open-Sora's "dpm-solver" scheduler: multistep DPM-Solver++ (``order`` 2: first step order 1, then
     second-order multistep; order 1 is DDIM) over ``num_sampling_steps`` model evaluations, with
-    classifier-free guidance at ``cfg_scale``. The model's learned-variance channels are dropped.
+    classifier-free guidance at ``cfg_scale``. The model's learned-variance channels are dropped. ``prediction``:
+    what the model's first channels are, ``"eps"`` (the released models) or ``"v"`` (the velocity
+    ``alpha_t eps - sigma_t x_0``, e.g. the embedded default of ``train/run.py``).
 
     ``lower_order_final``: whether the last step is first order. None (default): only below 10 steps, the rule
     of the DPM-Solver that Open-Sora 1.0 / OpenVid-1M ship, so at 20-25 steps every step after the first is
@@ -68,7 +73,10 @@ class DPMSolverSampler:
     long one in log-SNR, as with time-uniform steps); False: never."""
 
     def __init__(self, num_sampling_steps=20, cfg_scale=7.0, cfg_channel=None, diffusion_steps=1000,
-                 noise_schedule="linear", skip_type="time_uniform", order=2, lower_order_final=None):
+                 noise_schedule="linear", skip_type="time_uniform", order=2, lower_order_final=None,
+                 prediction="eps"):
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
         if order not in (1, 2):
             raise ValueError(f"order must be 1 or 2 (multistep DPM-Solver++), got {order!r}")
         if not isinstance(num_sampling_steps, int) or num_sampling_steps < order:
@@ -81,6 +89,7 @@ class DPMSolverSampler:
         self.skip_type = skip_type
         self.order = order
         self.lower_order_final = lower_order_final
+        self.prediction = prediction
         self.schedule = DiscreteVPSchedule(get_named_beta_schedule(noise_schedule, diffusion_steps))
 
     def time_steps(self) -> np.ndarray:
@@ -95,7 +104,8 @@ class DPMSolverSampler:
 
     def solve(self, eps_fn, x: torch.Tensor, progress: bool = False) -> torch.Tensor:
         """Integrates the diffusion ODE from x at t = 1 (noise) to t = 1 / N. ``eps_fn(x, model_time) -> eps``
-        like x, ``model_time`` a float (the discrete timestep); called ``num_sampling_steps`` times."""
+        (v with ``prediction="v"``) like x, ``model_time`` a float (the discrete timestep); called
+        ``num_sampling_steps`` times."""
         ns, steps = self.schedule, self.num_sampling_steps
         ts = self.time_steps()
         log_alpha = ns.log_alpha(ts)
@@ -106,6 +116,8 @@ class DPMSolverSampler:
             eps = eps_fn(x, float(model_times[i]))
             if eps.shape != x.shape:
                 raise ValueError(f"eps_fn must return x's shape {tuple(x.shape)}, got {tuple(eps.shape)}")
+            if self.prediction == "v":  # x_0 = alpha x - sigma v
+                return float(alpha[i]) * x - float(sigma[i]) * eps
             return (x - float(sigma[i]) * eps) / float(alpha[i])
 
         older, latest = None, data_prediction(x, 0)

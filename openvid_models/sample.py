@@ -34,7 +34,7 @@ from openvid_kernels.sequence_parallel import gather_frames, shard_frames
 from openvid_models.checkpoint import load_state_dict
 from openvid_models.configs import MODEL_SIZES
 from openvid_models.diffusion import IDDPM
-from openvid_models.dpm_solver import DPMSolverSampler
+from openvid_models.dpm_solver import PREDICTIONS, DPMSolverSampler
 from openvid_models.mvdit import MVDiT
 from openvid_models.stdit import STDiT
 
@@ -57,6 +57,7 @@ class SampleConfig:
     dtype: str = "bf16"
     vae_micro_batch_size: int = 4  # frames per VAE decode call
     fps: int = 8  # 24 fps sources read at frame interval 3
+    prediction: str = "eps"  # what the DiT predicts: "eps" (the releases) or "v" (trained with prediction="v")
 
 
 SAMPLE_CONFIGS: dict[str, SampleConfig] = {
@@ -77,10 +78,14 @@ def _require_path(path, what: str) -> Path:
 
 
 def build_sampler(config: SampleConfig):
+    if config.prediction not in PREDICTIONS:
+        raise ValueError(f"prediction must be one of {PREDICTIONS}, got {config.prediction!r}")
     if config.sampler == "iddpm":
-        return IDDPM(num_sampling_steps=config.num_sampling_steps, cfg_scale=config.cfg_scale)
+        return IDDPM(num_sampling_steps=config.num_sampling_steps, cfg_scale=config.cfg_scale,
+                     predict_v=config.prediction == "v")
     if config.sampler == "dpm-solver":
-        return DPMSolverSampler(num_sampling_steps=config.num_sampling_steps, cfg_scale=config.cfg_scale)
+        return DPMSolverSampler(num_sampling_steps=config.num_sampling_steps, cfg_scale=config.cfg_scale,
+                                prediction=config.prediction)
     raise ValueError(f"sampler must be one of {SAMPLERS}, got {config.sampler!r}")
 
 
@@ -321,6 +326,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--sampler", choices=SAMPLERS, help="default: the config's (iddpm)")
     parser.add_argument("--steps", type=int, help="sampling steps (default: the config's; 20-25 for dpm-solver)")
     parser.add_argument("--cfg-scale", type=float, help="guidance scale (default: the config's, 7.0)")
+    parser.add_argument("--prediction", choices=PREDICTIONS, help="what the DiT predicts (default: eps, as the "
+                        "releases; v for a model trained with prediction=v)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="DiT/T5/VAE dtype (default: the config's)")
     parser.add_argument("--model", choices=sorted(MODEL_SIZES), help="override the config's model size")
     parser.add_argument("--num-frames", type=int, help="override the config's frame count")
@@ -334,7 +341,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def config_from_args(args: argparse.Namespace) -> SampleConfig:
     overrides = dict(model=args.model, num_frames=args.num_frames, sampler=args.sampler, cfg_scale=args.cfg_scale,
-                     num_sampling_steps=args.steps, dtype=args.dtype,
+                     num_sampling_steps=args.steps, dtype=args.dtype, prediction=args.prediction,
                      image_size=tuple(args.image_size) if args.image_size else None)
     config = dataclasses.replace(SAMPLE_CONFIGS[args.config], **{k: v for k, v in overrides.items() if v is not None})
     if args.sampler == "dpm-solver" and args.steps is None:

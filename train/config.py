@@ -15,6 +15,7 @@ import typing
 from dataclasses import dataclass
 
 DATA_SOURCES = ("sample-set", "csv", "latent-cache")
+PREDICTIONS = ("eps", "v")
 DTYPES = ("fp32", "bf16")
 
 
@@ -58,6 +59,9 @@ class TrainConfig:
     num_workers: int = 4
 
     # -- optimisation ---------------------------------------------------------------------------------------
+    prediction: str = "eps"  # what the model predicts: "eps" (upstream; the released checkpoints) or "v", the
+    #   velocity sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0, whose MSE weighs an error in the clean sample about
+    #   equally at every noise level (the tiny default needs it to learn where its captions put the shapes)
     v_weight_cap: float | None = None  # None: upstream's loss (noise MSE + vb). A number g: the noise MSE of
     #   timestep t weighted by min(1 / alpha_bar_t, g), the v-prediction loss's weight capped at g, so that the
     #   high-noise steps, where the caption decides colour and layout, count (the tiny default needs it to
@@ -93,6 +97,7 @@ class TrainConfig:
 
         need(self.data in DATA_SOURCES, f"data must be one of {DATA_SOURCES}, got {self.data!r}")
         need(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        need(self.prediction in PREDICTIONS, f"prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
         if self.data == "csv":
             need(self.csv_path is not None and self.video_root is not None,
                  "csv_path and video_root are needed with data='csv' (or use --config tiny for the sample set)")
@@ -108,6 +113,8 @@ class TrainConfig:
         need(self.grad_clip > 0, f"grad_clip must be > 0, got {self.grad_clip}")
         need(self.v_weight_cap is None or self.v_weight_cap >= 1, f"v_weight_cap must be None or >= 1, got "
              f"{self.v_weight_cap}")
+        need(self.v_weight_cap is None or self.prediction == "eps", "v_weight_cap reweights the noise MSE of "
+             "prediction='eps'; with prediction='v' the loss is the v MSE already (set v_weight_cap=None)")
         need(self.checkpointed_blocks is None or self.checkpointed_blocks >= 0,
              f"checkpointed_blocks must be None or >= 0, got {self.checkpointed_blocks}")
         need(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")

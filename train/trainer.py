@@ -287,9 +287,11 @@ class EMA:
         torch._foreach_lerp_(shadow, [_local(p.detach()).float() for p in self.params.values()], 1.0 - decay)
 
 
-def export_ema(model: nn.Module, ema: EMA, path: Path, kwargs: dict, rank: int) -> None:
+def export_ema(model: nn.Module, ema: EMA, path: Path, kwargs: dict, rank: int, prediction: str = "eps") -> None:
     """The EMA weights, with the model's frozen parameters and buffers, as one ``.safetensors`` holding every
-    name of ``model.state_dict()`` (loads strictly into ``STDiT(**kwargs)``; upstream's names). Collective."""
+    name of ``model.state_dict()`` (loads strictly into ``STDiT(**kwargs)``; upstream's names), with the
+    constructor arguments and what the model predicts (``"eps"`` or ``"v"``, for the sampler) in its metadata.
+    Collective."""
     from safetensors.torch import save_file  # noqa: PLC0415
 
     tensors = {}
@@ -299,7 +301,7 @@ def export_ema(model: nn.Module, ema: EMA, path: Path, kwargs: dict, rank: int) 
             tensors[name] = full.float().cpu().contiguous()
     if rank == 0:
         partial = path.with_name(path.name + ".partial")
-        save_file(tensors, str(partial), metadata={"model_kwargs": json.dumps(kwargs)})
+        save_file(tensors, str(partial), metadata={"model_kwargs": json.dumps(kwargs), "prediction": prediction})
         os.replace(partial, path)
 
 
@@ -418,7 +420,7 @@ def _run(config, resume, progress, _before_publish, outdir, rank, world, dev, me
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay, eps=config.adam_eps,
                                   fused=dev.type == "cuda")
     ema = EMA(model)
-    diffusion = IDDPM(timestep_respacing="")
+    diffusion = IDDPM(timestep_respacing="", predict_v=config.prediction == "v")
     loader = build_dataloader(dataset, config.batch_size, rank=dp_rank, world_size=dp_world,
                               num_workers=config.num_workers, seed=config.seed, shuffle=True, drop_last=True)
     if len(loader.sampler) < config.batch_size:
@@ -507,7 +509,7 @@ def _run(config, resume, progress, _before_publish, outdir, rank, world, dev, me
     ema_path, sample = None, None
     if not stopped:
         ema_path = outdir / EMA_FILE
-        export_ema(model, ema, ema_path, kwargs, rank)
+        export_ema(model, ema, ema_path, kwargs, rank, config.prediction)
         if rank == 0:
             write_loss_plot(read_losses(outdir), outdir / "loss.png")
             if config.sample_at_end and text_encoder is not None:
@@ -662,7 +664,8 @@ def sample_clip(config: TrainConfig, kwargs: dict, ema_path: Path, text_encoder,
 
     caption = config.sample_caption or captions[0]
     model = model_class(config.model).from_pretrained(ema_path, **kwargs).to(device).eval()
-    sampler = DPMSolverSampler(num_sampling_steps=config.sample_steps, cfg_scale=config.cfg_scale)
+    sampler = DPMSolverSampler(num_sampling_steps=config.sample_steps, cfg_scale=config.cfg_scale,
+                               prediction=config.prediction)
     generator = torch.Generator(device=device).manual_seed(config.seed)
     z_size = (kwargs["in_channels"], *kwargs["input_size"])
     latents = sampler.sample(model, text_encoder, z_size, [caption], device, generator=generator, progress=False)

@@ -155,6 +155,12 @@ def test_error_falls_with_the_square_of_the_step_size():
     assert second[2] < first[2] / 20
 
 
+def test_velocity_prediction_samples_as_the_equivalent_eps_prediction():
+    eps_out, _, _ = run(DPMSolverSampler(cfg_scale=SCALE))
+    v_out, _, _ = run(DPMSolverSampler(cfg_scale=SCALE, prediction="v"), model=GaussianDataDiT(prediction="v"))
+    torch.testing.assert_close(v_out, eps_out, rtol=1e-4, atol=1e-4)  # float32 outputs, converted differently
+
+
 def test_lower_order_final_follows_upstreams_rule_by_default():
     # Below 10 steps the last step is first order; at 20 (Open-Sora's setting) it is second order unless asked.
     assert max_error(num_sampling_steps=8) == max_error(num_sampling_steps=8, lower_order_final=True)
@@ -173,6 +179,7 @@ def test_lower_order_final_follows_upstreams_rule_by_default():
     (dict(skip_type="uniform"), "skip_type must be one of"),
     (dict(noise_schedule="cosine"), "noise_schedule must be one of"),
     (dict(cfg_channel=-1), "cfg_channel"),
+    (dict(prediction="x0"), "prediction must be one of"),
 ])
 def test_constructor_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -286,3 +286,18 @@ def test_v_weight_cap_weights_the_noise_mse_by_capped_inverse_alpha_bar():
     torch.testing.assert_close(weighted_loss(terms, t, diffusion, 20.0), expected)
     with pytest.raises(ValueError, match="v_weight_cap must be None or >= 1"):
         apply_overrides(TRAIN_CONFIGS["tiny"], ["v_weight_cap=0.5"])
+
+
+def test_prediction_is_checked_and_reaches_the_diffusion_and_the_export(tmp_path):
+    with pytest.raises(ValueError, match="prediction must be one of"):
+        apply_overrides(TRAIN_CONFIGS["tiny"], ["prediction=x0"])
+    with pytest.raises(ValueError, match="v_weight_cap reweights the noise MSE"):
+        apply_overrides(TRAIN_CONFIGS["tiny"], ["prediction=v", "v_weight_cap=20"])
+    from safetensors import safe_open
+
+    from train.trainer import EMA, export_ema
+
+    model = torch.nn.Linear(2, 2)
+    export_ema(model, EMA(model), tmp_path / "ema.safetensors", {"depth": 1}, 0, "v")
+    with safe_open(str(tmp_path / "ema.safetensors"), "pt") as f:
+        assert f.metadata() == {"model_kwargs": '{"depth": 1}', "prediction": "v"}
