@@ -50,7 +50,13 @@ _MOTION_WORDS = {"left": "moving to the left", "right": "moving to the right", "
 # (dx, dy) unit steps in image coordinates: rows grow downwards.
 _DIRECTION_VECTORS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 _SUPERSAMPLE = 4  # sub-pixels per pixel side: anti-aliased edges move smoothly instead of in whole-pixel jumps
-_VERSION = 1  # of the rendering; part of the parameters, so that a set made by other code is not reused
+# Each direction keeps to its own lane, the third of the frame across its motion nearest one edge, going round
+# clockwise: right along the top, down the right side, left along the bottom, up the left side. A caption then
+# says where the shape is as well as where it goes; a tiny model learns the first from the caption, as it learns
+# the colour, and the motion that goes with each lane from the clips (issue #9: without lanes, the tiny default
+# did not learn to pick a direction from its caption; BENCHMARKS.md).
+_LANE_AT_LOW_EDGE = {"right": True, "down": False, "left": False, "up": True}  # top / left edge, else bottom / right
+_VERSION = 2  # of the rendering; part of the parameters, so that a set made by other code is not reused
 
 
 def caption_for(colour: str, shape: str, direction: str) -> str:
@@ -119,7 +125,7 @@ def _render(scene: _Scene, frames: int, size: int) -> np.ndarray:
 
 def _scenes(num_clips: int, size: int, seed: int) -> list[_Scene]:
     """Every colour x shape x direction equally often (in a seeded order, reshuffled each round), with seeded
-    size and placement; the shape travels across the frame, whole at both ends."""
+    size and placement in the direction's lane; the shape travels across the frame, whole at both ends."""
     rng = np.random.default_rng(seed)
     combos = list(itertools.product(COLOURS, SHAPES, DIRECTIONS))
     scenes = []
@@ -131,7 +137,8 @@ def _scenes(num_clips: int, size: int, seed: int) -> list[_Scene]:
             colour, shape, direction = combos[k]
             diameter = size * rng.uniform(0.28, 0.36)
             lo, hi = margin + diameter / 2, size - margin - diameter / 2
-            cross = rng.uniform(lo, hi)
+            third = (hi - lo) / 3
+            cross = rng.uniform(lo, lo + third) if _LANE_AT_LOW_EDGE[direction] else rng.uniform(hi - third, hi)
             step = _DIRECTION_VECTORS[direction]
             forwards = step[0] + step[1] > 0  # right or down: from the low edge to the high one
             start, stop = (lo, hi) if forwards else (hi, lo)

@@ -112,6 +112,12 @@ def test_first_and_last_frames_show_the_caption(sample_set):
         across = abs(np.dot(last - first, step[direction][::-1]))
         assert along > size / 2 and across < 1, (row, first, last)
         assert np.dot(first - size / 2, step[direction]) < 0 < np.dot(last - size / 2, step[direction])
+        # In its lane: right along the top, down the right side, left along the bottom, up the left side.
+        across_position = np.dot(first, np.abs(step[direction][::-1]))
+        if direction in ("right", "up"):
+            assert across_position < 0.45 * size, (row, first)
+        else:
+            assert across_position > 0.55 * size, (row, first)
 
 
 def test_describe_clip_reads_colour_shape_and_direction_back(tmp_path):
