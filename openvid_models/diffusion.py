@@ -7,8 +7,9 @@
   v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0 of Salimans & Ho) and, with
   ``learn_sigma``, the learned-range variance ``v`` in [-1, 1]: ``log var = (v+1)/2 log beta_t + (1-v)/2 log
   posterior_variance_t`` (clipped at t = 0).
-* Training loss: MSE on the prediction (eps, x_0 or v) plus, with a learned variance, the variational-bound term (bits per dim) computed
-  on the detached mean, so that it only trains the variance (decoder NLL at t = 0, KL elsewhere).
+* Training loss: MSE on the prediction (eps, x_0 or v) plus, with a learned variance, the variational-bound term
+  (bits per dim) computed on the detached mean, so that it only trains the variance (decoder NLL at t = 0, KL
+  elsewhere).
 * Respacing (``timestep_respacing="100"``, ``"10,15,20"``, ``"ddim25"``): a shorter chain on the kept
   timesteps with betas recomputed from alphas_cumprod; the model is fed the original timestep (integer, not
   rescaled: ``rescale_timesteps`` False, as upstream).
@@ -501,12 +502,12 @@ def guided_sampling_inputs(model, text_encoder, z_size, prompts, device, additio
 
 class IDDPM(SpacedDiffusion):
     """Open-Sora's IDDPM: a :class:`SpacedDiffusion` with eps prediction and a learned-range variance by
-    default (``predict_xstart``: the model predicts x_0; ``predict_v``: the velocity v, whose MSE weighs an
-    error in x_0 about equally at every noise level, where eps's fades out where the noise dominates). ``num_sampling_steps`` (or ``timestep_respacing``, not both) respaces the 1000-step chain for
-    sampling; leave both None for training. ``cfg_scale`` (7.0 as the OpenVid-1M inference configs; the class
-    default upstream is 4.0) and ``cfg_channel`` (None: the latent channels, i.e. the eps half of a
-    learned-variance output, which is what upstream's default ``out_channels // 2`` amounts to) are
-    :meth:`sample`'s guidance."""
+    default (``predict_xstart``: the model predicts x_0; ``predict_v``: the velocity v, whose MSE weighs an error
+    in x_0 about equally at every noise level, where eps's fades out where the noise dominates).
+    ``num_sampling_steps`` (or ``timestep_respacing``, not both) respaces the 1000-step chain for sampling; leave
+    both None for training. ``cfg_scale`` (7.0 as the OpenVid-1M inference configs; the class default upstream is
+    4.0) and ``cfg_channel`` (None: the latent channels, i.e. the eps half of a learned-variance output, which is
+    what upstream's default ``out_channels // 2`` amounts to) are :meth:`sample`'s guidance."""
 
     def __init__(self, num_sampling_steps=None, timestep_respacing=None, noise_schedule="linear", use_kl=False,
                  sigma_small=False, predict_xstart=False, learn_sigma=True, rescale_learned_sigmas=False,

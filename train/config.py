@@ -14,8 +14,9 @@ import types
 import typing
 from dataclasses import dataclass
 
+from openvid_models.dpm_solver import PREDICTIONS
+
 DATA_SOURCES = ("sample-set", "csv", "latent-cache")
-PREDICTIONS = ("eps", "v")
 DTYPES = ("fp32", "bf16")
 
 
