@@ -15,8 +15,10 @@
 #include <string>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "adaln.cuh"
+#include "linear_epilogue.cuh"
 #include "spatial_attention.cuh"
 #include "temporal_attention.cuh"
 
@@ -552,6 +554,87 @@ bool spatial_attention_forward_supported(const at::Tensor& q, const at::Tensor& 
   return openvid::spatial_attention_forward_supported(p);
 }
 
+// [L, M, K] input, [N, K] weight, optional [N] bias, optional [L, N] gate, [L, M, N] residual and out ->
+// params, or the first problem found (empty string: none).
+std::string linear_params(const at::Tensor& input, const at::Tensor& weight, const OptTensor& bias,
+                          const OptTensor& gate, const at::Tensor& residual, const at::Tensor& out,
+                          openvid::LinearGatedResidualParams& p) {
+  const std::string op = "openvid linear_gated_residual: ";
+  if (input.dim() != 3) return op + "input must be 3-D [L, M, K], got sizes " + list_str(input.sizes());
+  if (weight.dim() != 2) return op + "weight must be 2-D [N, K], got sizes " + list_str(weight.sizes());
+  const int64_t L = input.size(0), M = input.size(1), K = input.size(2), N = weight.size(0);
+  const at::ScalarType dtype = input.scalar_type();
+  if (dtype != at::kHalf && dtype != at::kBFloat16) {
+    return op + "unsupported dtype " + c10::toString(dtype) + " for input (float16 and bfloat16 only)";
+  }
+  struct Expected {
+    const at::Tensor* t;
+    const char* name;
+    std::vector<int64_t> sizes;
+  };
+  std::vector<Expected> tensors = {{&input, "input", {L, M, K}},
+                                   {&weight, "weight", {N, K}},
+                                   {&residual, "residual", {L, M, N}},
+                                   {&out, "out", {L, M, N}}};
+  if (bias) tensors.push_back({&*bias, "bias", {N}});
+  if (gate) tensors.push_back({&*gate, "gate", {L, N}});
+  for (const Expected& e : tensors) {
+    const at::Tensor& t = *e.t;
+    if (!t.is_cuda() || t.device() != input.device()) {
+      return op + e.name + " must be a CUDA tensor on " + input.device().str() + ", got one on " + t.device().str();
+    }
+    if (t.scalar_type() != dtype) {
+      return op + e.name + " must have dtype " + c10::toString(dtype) + ", got " + c10::toString(t.scalar_type());
+    }
+    if (t.sizes() != c10::IntArrayRef(e.sizes)) {
+      return op + e.name + " must have sizes " + list_str(e.sizes) + ", got " + list_str(t.sizes());
+    }
+    if (t.stride(-1) != 1) return op + e.name + " must have a contiguous last dimension";
+  }
+  if (weight.stride(0) != K) return op + "weight must be contiguous [N, K]";
+  p.dtype = to_openvid_dtype(dtype);
+  p.L = L, p.M = M, p.N = N, p.K = K;
+  p.input = input.data_ptr(), p.input_stride_l = input.stride(0), p.input_stride_m = input.stride(1);
+  p.weight = weight.data_ptr();
+  p.bias = bias ? bias->data_ptr() : nullptr;
+  p.gate = gate ? gate->data_ptr() : nullptr, p.gate_stride_l = gate ? gate->stride(0) : 0;
+  p.residual = residual.data_ptr(), p.residual_stride_l = residual.stride(0);
+  p.residual_stride_m = residual.stride(1);
+  p.out = out.data_ptr(), p.out_stride_l = out.stride(0), p.out_stride_m = out.stride(1);
+  return "";
+}
+
+void linear_gated_residual(const at::Tensor& input, const at::Tensor& weight, const OptTensor& bias,
+                           const OptTensor& gate, const at::Tensor& residual, const at::Tensor& out) {
+  openvid::LinearGatedResidualParams p;
+  const std::string problem = linear_params(input, weight, bias, gate, residual, out, p);
+  TORCH_CHECK(problem.empty(), problem);
+  if (out.numel() == 0) return;
+  const c10::cuda::CUDAGuard device_guard(input.device());
+  const int device = input.get_device();
+  TORCH_CHECK(openvid::linear_gated_residual_supported(p, device),
+              "openvid linear_gated_residual: this call is not supported by the CUDA kernel (needs an sm_90 GPU, a "
+              "build with the 90a architecture and the CUTLASS headers, N and K multiples of 8, 16-byte aligned "
+              "data and strides that are multiples of 8 elements); check linear_gated_residual_supported first");
+  at::Tensor workspace;
+  const size_t workspace_bytes = openvid::linear_gated_residual_workspace_bytes(p, device);
+  if (workspace_bytes > 0) {
+    workspace = at::empty({static_cast<int64_t>(workspace_bytes)}, input.options().dtype(at::kByte));
+  }
+  raise_on_error(openvid::linear_gated_residual(p, workspace_bytes > 0 ? workspace.data_ptr() : nullptr, device,
+                                                at::cuda::getCurrentCUDAStream().stream()),
+                 "linear_gated_residual_kernel");
+}
+
+bool linear_gated_residual_supported(const at::Tensor& input, const at::Tensor& weight, const OptTensor& bias,
+                                     const OptTensor& gate, const at::Tensor& residual, const at::Tensor& out) {
+  openvid::LinearGatedResidualParams p;
+  if (!linear_params(input, weight, bias, gate, residual, out, p).empty()) return false;
+  if (out.numel() == 0) return true;
+  const c10::cuda::CUDAGuard device_guard(input.device());
+  return openvid::linear_gated_residual_supported(p, input.get_device());
+}
+
 int64_t adaln_backward_blocks_per_sm(int64_t C, at::ScalarType dtype, bool residual) {
   check_c(C);
   const int blocks = openvid::adaln_backward_blocks_per_sm(to_openvid_dtype(dtype), C, residual);
@@ -628,4 +711,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("out"),
         pybind11::arg("softmax_scale") = 1.0, pybind11::arg("k_text") = pybind11::none(),
         pybind11::arg("v_text") = pybind11::none(), pybind11::arg("text_lens") = pybind11::none());
+  m.def("linear_gated_residual", &linear_gated_residual,
+        "linear_gated_residual(input, weight, bias, gate, residual, out) -> None\n\n"
+        "out = residual + gate * (input @ weight^T + bias) in one Hopper GEMM (CUTLASS, wgmma, TMA) whose epilogue "
+        "reads the residual (fp32 accumulation and epilogue, rounded once).\n"
+        "input: fp16/bf16 [L, M, K]; weight: [N, K] contiguous; bias: [N] or None; gate: [L, N] or None (1); "
+        "residual, out: [L, M, N]; all of one dtype with contiguous last dimensions, strides multiples of 8 "
+        "elements, N and K multiples of 8. Raises if linear_gated_residual_supported is false.",
+        pybind11::arg("input"), pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("gate"),
+        pybind11::arg("residual"), pybind11::arg("out"));
+  m.def("linear_gated_residual_supported", &linear_gated_residual_supported,
+        "linear_gated_residual_supported(input, weight, bias, gate, residual, out) -> bool\n\n"
+        "True when linear_gated_residual takes these tensors on their device; False means: use another backend.",
+        pybind11::arg("input"), pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("gate"),
+        pybind11::arg("residual"), pybind11::arg("out"));
 }

@@ -10,6 +10,7 @@ from openvid_kernels.backends import cuda_extension_available, default_backend, 
 from openvid_kernels.cross import cross_attention
 from openvid_kernels.diffusers_processors import PatchReport, patch_diffusers_model, unpatch_diffusers_model
 from openvid_kernels.joint import joint_attention
+from openvid_kernels.linear import linear_gated_residual
 from openvid_kernels.modules import AdaLNSingle, CrossAttention, SelfAttention, modulation
 from openvid_kernels.spatial import spatial_attention, spatial_attention_packed
 from openvid_kernels.temporal import temporal_attention, temporal_attention_packed
@@ -29,6 +30,7 @@ __all__ = [
     "gated_residual_layernorm_modulate",
     "joint_attention",
     "layernorm_modulate",
+    "linear_gated_residual",
     "modulation",
     "patch_diffusers_model",
     "spatial_attention",

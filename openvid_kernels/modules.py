@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from openvid_kernels.cross import cross_attention
+from openvid_kernels.linear import linear_gated_residual
 from openvid_kernels.sequence_parallel import temporal_attention_packed_sp
 from openvid_kernels.spatial import spatial_attention_packed
 from openvid_kernels.temporal import temporal_attention_packed
@@ -61,7 +62,10 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(hidden_size, hidden_size)
         self.sequence_parallel = None
 
-    def forward(self, x: torch.Tensor, num_frames: int = 1) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, num_frames: int = 1, residual: torch.Tensor | None = None,
+                gate: torch.Tensor | None = None) -> torch.Tensor:
+        """The attention output, or with ``residual`` and ``gate`` the residual step ``residual + gate * output``
+        (:func:`linear_gated_residual`: fused into the output projection at inference)."""
         qkv = self.qkv(x).unflatten(-1, (3, self.num_heads, -1))
         if self.over == "spatial":
             out = spatial_attention_packed(qkv, num_frames)
@@ -69,7 +73,9 @@ class SelfAttention(nn.Module):
             out = temporal_attention_packed_sp(qkv, num_frames, self.sequence_parallel)
         else:
             out = temporal_attention_packed(qkv, num_frames)
-        return self.proj(out.flatten(-2))
+        if residual is None:
+            return self.proj(out.flatten(-2))
+        return linear_gated_residual(residual, out.flatten(-2), self.proj.weight, self.proj.bias, gate)
 
 
 class CrossAttention(nn.Module):
@@ -85,7 +91,13 @@ class CrossAttention(nn.Module):
         self.kv_linear = nn.Linear(hidden_size, 2 * hidden_size)
         self.proj = nn.Linear(hidden_size, hidden_size)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, lens: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, y: torch.Tensor, lens: torch.Tensor | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The attention output, or with ``residual`` the residual step ``residual + output``
+        (:func:`linear_gated_residual` without a gate: fused into the output projection at inference)."""
         q = self.q_linear(x).unflatten(-1, (self.num_heads, -1))
         k, v = self.kv_linear(y).unflatten(-1, (2, self.num_heads, -1)).unbind(2)
-        return self.proj(cross_attention(q, k, v, lens).flatten(-2))
+        out = cross_attention(q, k, v, lens).flatten(-2)
+        if residual is None:
+            return self.proj(out)
+        return linear_gated_residual(residual, out, self.proj.weight, self.proj.bias, None)

@@ -86,13 +86,20 @@ class Mlp(nn.Module):
         self.fc1 = nn.Linear(in_features, hidden_features)
         self.fc2 = nn.Linear(hidden_features, out_features or in_features)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
+                gate: torch.Tensor | None = None) -> torch.Tensor:
+        """``fc2(GELU(fc1(x)))``, or with ``residual`` and ``gate`` the residual step ``residual + gate * mlp(x)``
+        (``ok.linear_gated_residual``: fused into fc2 at inference)."""
         if x.is_cuda and not torch.is_grad_enabled() and ok.default_backend() != "reference":
             # Inference: cuBLASLt adds the bias and applies the tanh GELU in the GEMM's epilogue, saving a pass
             # over the 4C-wide hidden activations. (No autograd formula exists for it, hence no-grad only.)
             hidden = torch._addmm_activation(self.fc1.bias, x.flatten(0, -2), self.fc1.weight.t(), use_gelu=True)
-            return self.fc2(hidden.unflatten(0, x.shape[:-1]))
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+            hidden = hidden.unflatten(0, x.shape[:-1])
+        else:
+            hidden = F.gelu(self.fc1(x), approximate="tanh")
+        if residual is None:
+            return self.fc2(hidden)
+        return ok.linear_gated_residual(residual, hidden, self.fc2.weight, self.fc2.bias, gate)
 
 
 class CaptionEmbedder(nn.Module):

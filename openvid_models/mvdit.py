@@ -73,17 +73,16 @@ class MVDiTBlock(nn.Module):
                              y_lens, T)
         x, x_t = ok.gated_residual_layernorm_modulate(x, x_s, gate, shift_temp, scale_temp)
         y, y_t = ok.gated_residual_layernorm_modulate(y, y_s, gate_y, shift_y_temp, scale_y_temp)
-        x = ok.gated_residual(x, self.attn_temp(add_temporal_pos_embed(x_t, temporal_pos_embed, T), T), gate_temp)
-        y = ok.gated_residual(y, self.attn_temp(add_temporal_pos_embed(y_t, temporal_pos_embed, T), T), gate_y_temp)
+        # x = x + gate * sublayer(...), the residual step fused into the sub-layer's last linear
+        x = self.attn_temp(add_temporal_pos_embed(x_t, temporal_pos_embed, T), T, residual=x, gate=gate_temp)
+        y = self.attn_temp(add_temporal_pos_embed(y_t, temporal_pos_embed, T), T, residual=y, gate=gate_y_temp)
 
         B = x.shape[0]
         frame_lens = y_lens[:, None].expand(B, T).reshape(B * T)
         per_frame = [t.unflatten(1, (T, -1)).flatten(0, 1) for t in (x, y)]  # [B*T, S, C], [B*T, L, C]
-        cross = self.cross_attn(*per_frame, frame_lens)
-        x, h = ok.gated_residual_layernorm_modulate(x, cross.unflatten(0, (B, T)).flatten(1, 2),
-                                                    torch.ones_like(gate_mlp), shift_mlp, scale_mlp)
-        x = ok.gated_residual(x, self.mlp(h), gate_mlp)
-        y = ok.gated_residual(y, self.mlp_y(ok.layernorm_modulate(y, shift_mlp_y, scale_mlp_y)), gate_mlp_y)
+        x = self.cross_attn(*per_frame, frame_lens, residual=per_frame[0]).unflatten(0, (B, T)).flatten(1, 2)
+        x = self.mlp(ok.layernorm_modulate(x, shift_mlp, scale_mlp), residual=x, gate=gate_mlp)
+        y = self.mlp_y(ok.layernorm_modulate(y, shift_mlp_y, scale_mlp_y), residual=y, gate=gate_mlp_y)
         return x, y
 
 

@@ -52,11 +52,11 @@ class STDiTBlock(nn.Module):
         t ``[B, 6C]``; temporal_pos_embed ``[1, T, C]`` or None."""
         T = self.num_frames
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation(self.scale_shift_table, t)
-        x = ok.gated_residual(x, self.attn(ok.layernorm_modulate(x, shift_msa, scale_msa), T), gate_msa)
-        x = ok.gated_residual(x, self.attn_temp(add_temporal_pos_embed(x, temporal_pos_embed, T), T), gate_msa)
-        no_gate = torch.ones_like(gate_mlp)
-        x, h = ok.gated_residual_layernorm_modulate(x, self.cross_attn(x, y, y_lens), no_gate, shift_mlp, scale_mlp)
-        return ok.gated_residual(x, self.mlp(h), gate_mlp)
+        # x = x + gate * sublayer(...), the residual step fused into the sub-layer's last linear
+        x = self.attn(ok.layernorm_modulate(x, shift_msa, scale_msa), T, residual=x, gate=gate_msa)
+        x = self.attn_temp(add_temporal_pos_embed(x, temporal_pos_embed, T), T, residual=x, gate=gate_msa)
+        x = self.cross_attn(x, y, y_lens, residual=x)  # no gate (upstream)
+        return self.mlp(ok.layernorm_modulate(x, shift_mlp, scale_mlp), residual=x, gate=gate_mlp)
 
 
 class STDiT(nn.Module):
