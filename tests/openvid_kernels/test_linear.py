@@ -143,8 +143,8 @@ def test_fused_kernel_matches_reference(B, N, C, K, kind, bias, dtype):
     assert out.dtype == dtype and out.is_contiguous()
     error, torch_error = relative_error(out, expected), relative_error(unfused, expected)
     assert error <= max(2 * torch_error, TOLERANCE[dtype] / 8), f"fused {error:.3g} vs PyTorch {torch_error:.3g}"
-    # The residual must dominate nowhere by accident: the projection's share is checked on its own.
-    projection = (out.double() - inputs[0].double())
+    # A wrong projection could hide under the residual in the sum: its part is checked on its own too.
+    projection = out.double() - inputs[0].double()
     expected_projection = expected - inputs[0].double()
     assert_close_to_reference(projection, expected_projection, dtype, "gate * projection")
 
