@@ -28,6 +28,7 @@ DKDV = [(64, 64, 4, 3), (64, 64, 4, 4), (32, 64, 4, 3), (32, 64, 2, 3), (64, 32,
         (128, 64, 8, 3), (32, 128, 4, 3)]
 DQ = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3), (128, 32, 4, 3), (128, 64, 4, 2), (32, 64, 4, 3),
       (64, 64, 8, 3), (128, 64, 8, 3)]
+FUSED = [(64, 64, 4, 3), (64, 64, 4, 2), (64, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3), (32, 128, 4, 2)]
 
 
 def tflops(flops: float, ms: float) -> float:
@@ -81,18 +82,20 @@ def sweep(direction: str, head_dim: int) -> None:
             triton_attention.forward(q, k, v, out, lse, scale)
             grads = dqkv.unbind(2)
             best = {}
-            for kind, configs in (("dkdv", DKDV), ("dq", DQ)):
-                for config in configs:
-                    kwargs = {f"{kind}_config": config}
+            for kind, configs in (("dkdv", DKDV), ("dq", DQ), ("fused", FUSED)):
+                for config in configs:  # the dK/dV kernel with the dQ one, or adding dQ itself ("fused")
+                    kwargs = {"dkdv_config" if kind == "fused" else f"{kind}_config": config,
+                              "fused_dq": kind == "fused"}
                     ms = try_time(f"{label} bwd triton {kind}={config}", 2.5 * fwd_flops,
                                   lambda: triton_attention.backward(dout, q, k, v, out, lse, *grads, scale, **kwargs))
                     if ms is not None and ms < best.get(kind, (1e9,))[0]:
                         best[kind] = (ms, config)
-            if len(best) == 2:
+            if "dkdv" in best and "dq" in best:
                 fwd_ms = time_ms(lambda: triton_attention.forward(q, k, v, out, lse, scale))
                 ms = try_time(f"{label} bwd triton best dkdv={best['dkdv'][1]} dq={best['dq'][1]}", 2.5 * fwd_flops,
                               lambda: triton_attention.backward(dout, q, k, v, out, lse, *grads, scale,
-                                                              dkdv_config=best["dkdv"][1], dq_config=best["dq"][1]))
+                                                              dkdv_config=best["dkdv"][1], dq_config=best["dq"][1],
+                                                              fused_dq=False))
                 if ms is not None:
                     print(f"{label} fwd+bwd triton (default fwd + best bwd): {(fwd_ms + ms) * 1e3:.1f} us "
                           f"{tflops(3.5 * fwd_flops, fwd_ms + ms):.1f} TFLOP/s", flush=True)

@@ -17,7 +17,9 @@ the two were concatenated per frame. ``lse`` (natural log of the softmax denomin
 A forward program owns BLOCK_M query rows of one (b, h) and streams the key runs in blocks of BLOCK_N with an
 online softmax. The backward runs a dK/dV kernel (a program per key block, streaming the queries; with few key
 blocks, e.g. 120 text keys against 16384 queries, the queries are split over programs that write fp32 partial
-sums) and a dQ kernel (a program per query block, streaming the keys), so no atomics are needed.
+sums) and a dQ kernel (a program per query block, streaming the keys), so no atomics are needed. Self-attention
+over many keys (``FUSED_DQ_MIN_KEYS``) instead adds dQ from the dK/dV kernel into an fp32 buffer with atomics:
+two products per block pair fewer than recomputing the scores in the dQ kernel.
 
 Head dims that are not a power of two are never padded to one. Tiles split the head dim into a power-of-two
 main part and a small power-of-two tail window (72 = 64 + the last 16 columns; 96 = 64 + 32): every product
@@ -243,11 +245,13 @@ def _attention_backward_delta_kernel(
 
 @triton.jit
 def _dkdv_step(k, k_tail, v, v_tail, dk, dk_tail, dv, dv_tail, Q, DO, LSE, DELTA, q_rows, do_rows, stats,
-               m, num_queries, scale_log2,
+               m, num_queries, scale_log2, DQ_ACC, dq_acc_rows, key_valid, softmax_scale,
                HEAD_DIM: tl.constexpr, D_MAIN: tl.constexpr, D_TAIL: tl.constexpr, TAIL_TILE: tl.constexpr,
-               MASKED: tl.constexpr, PRECISION: tl.constexpr):
+               MASKED: tl.constexpr, PRECISION: tl.constexpr, FUSED_DQ: tl.constexpr, MASK_KEYS: tl.constexpr):
     """One query block's contribution to a key block's dK and dV (transposed scores, [BLOCK_N, BLOCK_M]).
-    ``stats`` indexes lse and delta (clamped like the rows); ``m`` are the true query indices."""
+    ``stats`` indexes lse and delta (clamped like the rows); ``m`` are the true query indices. With FUSED_DQ it
+    also adds the block's dQ = dS K (scaled) into the fp32 rows ``dq_acc_rows`` of DQ_ACC, atomically; keys
+    past the end (clamped duplicates of the last key, ``key_valid`` False) are left out of it."""
     lse = tl.load(LSE + stats) * 1.4426950408889634
     if MASKED:
         lse = tl.where(m < num_queries, lse, float("inf"))  # queries past the end: P = 0
@@ -269,12 +273,28 @@ def _dkdv_step(k, k_tail, v, v_tail, dk, dk_tail, dv, dv_tail, Q, DO, LSE, DELTA
     if D_TAIL > 0:
         dv_tail = tl.dot(p_t, do_tail, dv_tail, input_precision=PRECISION)
         dk_tail = tl.dot(ds_t, q_tail, dk_tail, input_precision=PRECISION)
+    if FUSED_DQ:
+        if MASK_KEYS:
+            ds_t = tl.where(key_valid[:, None], ds_t, 0.0).to(Q.dtype.element_ty)
+        ds = tl.trans(ds_t)
+        cols = tl.arange(0, D_MAIN)
+        dq = tl.dot(ds, k, input_precision=PRECISION) * softmax_scale
+        if D_MAIN <= HEAD_DIM:
+            tl.atomic_add(DQ_ACC + dq_acc_rows[:, None] + cols[None, :], dq, sem="relaxed")
+        else:
+            tl.atomic_add(DQ_ACC + dq_acc_rows[:, None] + cols[None, :], dq, mask=(cols < HEAD_DIM)[None, :],
+                          sem="relaxed")
+        if D_TAIL > 0:  # k_tail's overlap columns are zero: add only the columns past the main part
+            cols = HEAD_DIM - TAIL_TILE + tl.arange(0, TAIL_TILE)
+            dq_tail = tl.dot(ds, k_tail, input_precision=PRECISION) * softmax_scale
+            tl.atomic_add(DQ_ACC + dq_acc_rows[:, None] + cols[None, :], dq_tail, mask=(cols >= D_MAIN)[None, :],
+                          sem="relaxed")
     return dk, dk_tail, dv, dv_tail
 
 
 @triton.jit(do_not_specialize=["Sq", "Sk", "Lq", "text_rows", "queries_per_split"])
 def _attention_backward_dkdv_kernel(
-    DO, Q, LSE, DELTA, DOT, QT, LSET, DELTAT, K, V, DK, DV, LENS, STARTS,
+    DO, Q, LSE, DELTA, DOT, QT, LSET, DELTAT, K, V, DK, DV, DQ_ACC, LENS, STARTS,
     Sq, Sk, Lq, H, text_rows, queries_per_split,
     stride_do_b, stride_do_s, stride_do_h,
     stride_q_b, stride_q_s, stride_q_h,
@@ -289,10 +309,13 @@ def _attention_backward_dkdv_kernel(
     HEAD_DIM: tl.constexpr, D_MAIN: tl.constexpr, D_TAIL: tl.constexpr, TAIL_TILE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_ALIGN: tl.constexpr, PRECISION: tl.constexpr,
     MASK_QUERIES: tl.constexpr, TEXT_KEYS: tl.constexpr, TEXT_QUERIES: tl.constexpr, PACKED_TEXT: tl.constexpr,
+    FUSED_DQ: tl.constexpr, MASK_KEYS: tl.constexpr,
 ):
     """dK, dV of one key block of one key run: the fixed keys, or the text keys (TEXT_KEYS). It streams the
     queries (Sq rows, split over program_id(2) in runs of ``queries_per_split``; the split programs write fp32
-    partial sums at ``stride_split`` apart) and, in split 0, the text queries (TEXT_QUERIES, padded ``[B, Lq]``)."""
+    partial sums at ``stride_split`` apart) and, in split 0, the text queries (TEXT_QUERIES, padded ``[B, Lq]``).
+    With FUSED_DQ (fixed keys only, no text queries) it also adds each query block's dQ into DQ_ACC, a zeroed
+    contiguous fp32 ``[B, Sq, H, HEAD_DIM]``, so that no dQ kernel recomputes the scores."""
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = bh % H
@@ -310,6 +333,7 @@ def _attention_backward_dkdv_kernel(
     dk_tail = tl.zeros([BLOCK_N, TAIL_TILE], dtype=tl.float32)
     dv_tail = tl.zeros([BLOCK_N, TAIL_TILE], dtype=tl.float32)
 
+    key_valid = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N) < num_keys
     split = tl.program_id(2)
     first_query = split * queries_per_split
     for start in range(first_query, tl.minimum(first_query + queries_per_split, Sq), BLOCK_M):
@@ -317,10 +341,11 @@ def _attention_backward_dkdv_kernel(
         rows = _clamped(start, BLOCK_M, Sq) if MASK_QUERIES else m
         q_rows = _row_offsets(stride_q_b, stride_q_s, stride_q_h, b, h, rows, ROW_ALIGN)
         do_rows = _row_offsets(stride_do_b, stride_do_s, stride_do_h, b, h, rows, ROW_ALIGN)
+        dq_acc_rows = ((b * Sq + rows) * H + h) * HEAD_DIM
         dk, dk_tail, dv, dv_tail = _dkdv_step(
             k, k_tail, v, v_tail, dk, dk_tail, dv, dv_tail, Q, DO, LSE, DELTA, q_rows, do_rows,
-            bh.to(tl.int64) * Sq + rows, m, Sq, scale_log2, HEAD_DIM, D_MAIN, D_TAIL, TAIL_TILE, MASK_QUERIES,
-            PRECISION)
+            bh.to(tl.int64) * Sq + rows, m, Sq, scale_log2, DQ_ACC, dq_acc_rows, key_valid, softmax_scale, HEAD_DIM,
+            D_MAIN, D_TAIL, TAIL_TILE, MASK_QUERIES, PRECISION, FUSED_DQ, MASK_KEYS)
     if TEXT_QUERIES:
         for start in range(0, tl.where(split == 0, text_len, 0), BLOCK_M):
             m = start + tl.arange(0, BLOCK_M)
@@ -329,8 +354,8 @@ def _attention_backward_dkdv_kernel(
             do_rows = _row_offsets(stride_dot_b, stride_dot_s, stride_dot_h, b, h, rows, ROW_ALIGN)
             dk, dk_tail, dv, dv_tail = _dkdv_step(
                 k, k_tail, v, v_tail, dk, dk_tail, dv, dv_tail, QT, DOT, LSET, DELTAT, q_rows, do_rows,
-                bh.to(tl.int64) * Lq + rows, m, text_len, scale_log2, HEAD_DIM, D_MAIN, D_TAIL, TAIL_TILE, True,
-                PRECISION)
+                bh.to(tl.int64) * Lq + rows, m, text_len, scale_log2, DQ_ACC, rows, key_valid, softmax_scale,
+                HEAD_DIM, D_MAIN, D_TAIL, TAIL_TILE, True, PRECISION, False, False)
 
     partial = split.to(tl.int64) * stride_split * ROW_ALIGN
     dk_rows = _row_offsets(stride_dk_b, stride_dk_s, stride_dk_h, b, h, n, ROW_ALIGN) + partial
@@ -584,7 +609,12 @@ _CONFIGS = {
     "forward": {64: (128, 64, 4, 3), 80: (128, 64, 4, 3), 96: (128, 64, 4, 3), 128: (128, 64, 8, 3)},
     "dkdv": {64: (64, 64, 4, 3), 80: (64, 64, 4, 3), 96: (64, 64, 4, 3), 128: (64, 64, 4, 3)},
     "dq": {64: (64, 64, 4, 2), 80: (64, 64, 4, 2), 96: (64, 64, 4, 2), 128: (64, 64, 4, 2)},
+    "fused": {64: (64, 64, 4, 3), 80: (64, 64, 4, 3), 96: (64, 64, 4, 3), 128: (64, 64, 4, 3)},
 }
+# Self-attention over at least this many keys adds dQ atomically from the dK/dV kernel ("fused": 5 products per
+# block pair, plus zeroing an fp32 dQ and converting it) instead of recomputing the scores in a dQ kernel (7).
+# H200, D = 72, bf16 backward: 3558 against 3919 us at 64 x 1024; 1401 against 1399 us at 256 x 256.
+FUSED_DQ_MIN_KEYS = 1024
 # Short keys (every text key in one block): (BLOCK_M, 0, num_warps, num_stages); BLOCK_N covers the keys.
 _CONFIGS["short_forward"] = dict.fromkeys((64, 80, 96, 128), (64, 0, 4, 3))
 _CONFIGS["short_backward"] = dict.fromkeys((64, 80, 96, 128), (128, 0, 8, 2))
@@ -768,10 +798,12 @@ def _add_partials(partials: torch.Tensor, grad: torch.Tensor) -> None:
 
 def backward(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale: float,
              dkdv_config: tuple | None = None, dq_config: tuple | None = None, *,
-             text: TextTokens | None = None, query_splits: int | None = None):
+             text: TextTokens | None = None, query_splits: int | None = None, fused_dq: bool | None = None):
     """Writes dq ``[B, Sq, H, D]``, dk and dv ``[B, Sk, H, D]`` (k None: no fixed keys) and, with ``text``, the
     text keys' text.dk, text.dv and, when text.q is given, the text queries' text.dq. The first ten arguments
-    are those of ``_C.spatial_attention_backward``; ``query_splits`` overrides the dK/dV query split."""
+    are those of ``_C.spatial_attention_backward``; ``query_splits`` overrides the dK/dV query split and
+    ``fused_dq`` the choice of the fused dQ (self-attention without text only; default: from
+    ``FUSED_DQ_MIN_KEYS``)."""
     B, Sq, H, D = q.shape
     Sk = 0 if k is None else k.shape[1]
     heads = _head_dims(D)
@@ -789,7 +821,10 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale: float,
         text_delta, Lq = None, 0
         text_query_operands = [dout, q, lse, delta]  # placeholders, never read
 
-    block_m, block_n, warps, stages = launch_config(D, "dkdv", q.device, dkdv_config, q.dtype)
+    fused_dq = (Sk >= FUSED_DQ_MIN_KEYS if fused_dq is None else fused_dq) and text is None and k is not None
+    dq_acc = torch.zeros(B, Sq, H, D, dtype=torch.float32, device=q.device) if fused_dq else delta  # else unread
+    block_m, block_n, warps, stages = launch_config(D, "fused" if fused_dq else "dkdv", q.device, dkdv_config,
+                                                    q.dtype)
     key_runs = [] if k is None else [(k, v, dk, dv, Sk, False)]
     if text is not None:
         key_runs.append((text.k, text.v, text.dk, text.dv, text.max_len or text.k.shape[1], True))
@@ -805,16 +840,20 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale: float,
         tensors = (dout, q, *text_query_operands[:2], keys, values, *split_grads)
         align = _row_align(*tensors)
         _attention_backward_dkdv_kernel[(key_blocks, B * H, splits)](
-            dout, q, lse, delta, *text_query_operands, keys, values, *split_grads, *text_operands[2:],
+            dout, q, lse, delta, *text_query_operands, keys, values, *split_grads, dq_acc, *text_operands[2:],
             Sq, num_keys, Lq, H, text_rows, per_split, *_strides(tensors, align),
             grads[0].stride(0) // align if splits > 1 else 0,
             softmax_scale, softmax_scale * LOG2E, **heads, BLOCK_M=block_m, BLOCK_N=block_n, ROW_ALIGN=align,
             PRECISION=precision, MASK_QUERIES=Sq % block_m != 0, TEXT_KEYS=is_text, TEXT_QUERIES=text_queries,
-            PACKED_TEXT=text_flags["PACKED_TEXT"], num_warps=warps, num_stages=stages,
+            PACKED_TEXT=text_flags["PACKED_TEXT"], FUSED_DQ=fused_dq, MASK_KEYS=num_keys % block_n != 0,
+            num_warps=warps, num_stages=stages,
         )
         if splits > 1:
             _add_partials(grads[0], dkeys)
             _add_partials(grads[1], dvalues)
+    if fused_dq:
+        dq.copy_(dq_acc)  # already scaled
+        return
 
     block_m, block_n, warps, stages = launch_config(D, "dq", q.device, dq_config, q.dtype)
     if k is None:

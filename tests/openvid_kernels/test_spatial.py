@@ -72,8 +72,10 @@ def test_other_layouts_are_read_in_place(device, backend, dtype):
 
 @pytest.mark.parametrize("device,backend,dtype", [p for p in CONFIGS if "triton" in p.id])
 @pytest.mark.parametrize("config", [(16, 32, 1, 1), (32, 16, 2, 2), (64, 64, 4, 2)])
-def test_triton_block_shapes(device, backend, dtype, config):
-    """Non-default tiles: key and query blocks of different sizes, several full blocks and a partial one."""
+@pytest.mark.parametrize("fused_dq", [False, True], ids=["dq-kernel", "fused-dq"])
+def test_triton_block_shapes(device, backend, dtype, config, fused_dq):
+    """Non-default tiles: key and query blocks of different sizes, several full blocks and a partial one; dQ
+    from its own kernel and added atomically by the dK/dV kernel (where partial key blocks must add nothing)."""
     torch.manual_seed(sum(config))
     B, S, H, D = 2, 37 if device == "cpu" else 301, 2, 72
     qkv = torch.randn(B, S, 3, H, D, device=device, dtype=dtype)
@@ -81,7 +83,8 @@ def test_triton_block_shapes(device, backend, dtype, config):
     out, lse = torch.empty_like(q), torch.empty(B, H, S, device=device)
     sa.triton_attention.forward(q, k, v, out, lse, 0.2, config=config)
     dout, dqkv = torch.randn_like(out), torch.empty_like(qkv)
-    sa.triton_attention.backward(dout, q, k, v, out, lse, *dqkv.unbind(2), 0.2, dkdv_config=config, dq_config=config)
+    sa.triton_attention.backward(dout, q, k, v, out, lse, *dqkv.unbind(2), 0.2, dkdv_config=config, dq_config=config,
+                                 fused_dq=fused_dq)
 
     ref_qkv = qkv.double().requires_grad_()
     ref = sa.spatial_attention_reference(*ref_qkv.unbind(2), softmax_scale=0.2)
