@@ -1,5 +1,8 @@
 """Shared test helpers: error metrics against a float64 reference and per-dtype tolerances."""
 
+import os
+import sys
+
 import pytest
 import torch
 
@@ -92,20 +95,20 @@ def check_compiled_block(block, inputs, names, static_args, backend, dtype):
 def run_on_gloo_ranks(worker, world_size: int, *args) -> None:
     """Run ``worker(rank, world_size, *args)`` in ``world_size`` fresh processes joined in a gloo group (CPU);
     a failure on any rank fails the caller. The worker must be a module-level function (it is pickled)."""
-    import socket
+    import tempfile
 
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_gloo_rank, args=(world_size, port, worker, args), nprocs=world_size, join=True)
+    # A file store, not TCP: no free port to race for, and no store server thread in rank 0 to tear down.
+    with tempfile.TemporaryDirectory() as folder:
+        store = os.path.join(folder, "store")
+        mp.spawn(_gloo_rank, args=(world_size, store, worker, args), nprocs=world_size, join=True)
 
 
-def _gloo_rank(rank: int, world_size: int, port: int, worker, args) -> None:
+def _gloo_rank(rank: int, world_size: int, store: str, worker, args) -> None:
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
     try:
         torch.set_num_threads(1)  # ranks share the machine's cores
         worker(rank, world_size, *args)
@@ -114,3 +117,8 @@ def _gloo_rank(rank: int, world_size: int, port: int, worker, args) -> None:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    # A rank that passed skips interpreter teardown, where gloo threads still holding tensors can take the GIL
+    # of a dying interpreter: CI saw a rank abort (SIGABRT, "terminate called without an active exception").
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
